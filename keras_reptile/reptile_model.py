@@ -1,5 +1,7 @@
 """`ReptileModel`: Reptile meta-learning as a Keras model."""
 
+import inspect
+
 import keras
 import tensorflow as tf
 
@@ -149,6 +151,7 @@ class ReptileModel(keras.Model):
         self.eval_inner_batch_size = eval_inner_batch_size
         self.transductive = transductive
         self._adapt_functions = {}
+        self._step_meta_batch = {}
         if model.built:
             self.built = True
 
@@ -187,6 +190,56 @@ class ReptileModel(keras.Model):
         )
         return cls(**config)
 
+    # Keras traces its step functions with `reduce_retracing=True`: a second
+    # meta-batch size would be traced as `None`, and the tasks of a meta-batch
+    # are unrolled, so each entry point retraces for a new meta-batch size.
+    def fit(self, *args, **kwargs):
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+        validation = _episode_element(bound.arguments.get("validation_data"))
+        self._check_replica_split(_meta_batch_size(validation))
+        self._prepare_step("train_function", bound.arguments.get("x"))
+        return super().fit(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        bound = inspect.signature(keras.Model.evaluate).bind(self, *args, **kwargs)
+        self._prepare_step("test_function", bound.arguments.get("x"))
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        bound = inspect.signature(keras.Model.predict).bind(self, *args, **kwargs)
+        self._prepare_step("predict_function", bound.arguments.get("x"))
+        return super().predict(*args, **kwargs)
+
+    def train_on_batch(self, x, *args, **kwargs):
+        self._prepare_step("train_function", x, is_batch=True)
+        return super().train_on_batch(x, *args, **kwargs)
+
+    def test_on_batch(self, x, *args, **kwargs):
+        self._prepare_step("test_function", x, is_batch=True)
+        return super().test_on_batch(x, *args, **kwargs)
+
+    def predict_on_batch(self, x):
+        self._prepare_step("predict_function", x, is_batch=True)
+        return super().predict_on_batch(x)
+
+    def _prepare_step(self, function_name, data, is_batch=False):
+        """Checks the replica split and drops a step traced for another meta-batch."""
+        tasks = _meta_batch_size(data, is_batch)
+        if tasks is None:
+            return
+        self._check_replica_split(tasks)
+        if self._step_meta_batch.get(function_name, tasks) != tasks:
+            setattr(self, function_name, None)
+        self._step_meta_batch[function_name] = tasks
+
+    def _check_replica_split(self, tasks):
+        """Raises before any work if `tasks` cannot be split evenly."""
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if tasks is not None and tasks % replicas:
+            # tf.data splits a batch into near-equal parts, larger ones first.
+            sizes = [tasks // replicas + (i < tasks % replicas) for i in range(replicas)]
+            _raise_uneven_split(sizes)
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras's TensorFlow trainer defers building the compiled metrics and
         # the optimizer to the first trace of the step function unless a
@@ -208,13 +261,7 @@ class ReptileModel(keras.Model):
                 for v in strategy.experimental_local_results(data_batch["support_x"])
             ]
             if len(set(sizes)) > 1:
-                raise ValueError(
-                    "Expected the meta-batch to divide evenly across the "
-                    f"{len(sizes)} replicas (each replica adapts its share of "
-                    f"the tasks). Received a meta-batch of {sum(sizes)} tasks, "
-                    f"split as {sizes}. Use a `meta_batch_size` that is a "
-                    f"multiple of {len(sizes)}."
-                )
+                _raise_uneven_split(sizes)
         data_batch = tf.nest.map_structure(
             lambda v: tf.convert_to_tensor(strategy.experimental_local_results(v)[0]),
             data_batch,
@@ -402,7 +449,17 @@ class ReptileModel(keras.Model):
         y_pred = tf.concat(preds, axis=0)
         loss = self._task_loss(y_true, y_pred)
         self._loss_tracker.update_state(loss, sample_weight=tf.shape(y_true)[0])
-        return self.compute_metrics(None, y_true, y_pred)
+        logs = self.compute_metrics(None, y_true, y_pred)
+        if _multi_worker(tf.distribute.get_strategy()):
+            # Keras reduces step outputs across workers with
+            # `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
+            # (tensorflow/tensorflow#72388); over a length-1 axis it is the
+            # mean over replicas, as on one worker.
+            logs = {
+                k: tf.reshape(v, [1]) if v.shape.rank == 0 else v
+                for k, v in logs.items()
+            }
+        return logs
 
     def _inner_rule(self):
         return inner_loop.InnerOptimizer(
@@ -775,12 +832,39 @@ def _episode_element(data):
     return data
 
 
+def _meta_batch_size(data, is_batch=False):
+    """Static task count of an episodic dataset (or batch), else None."""
+    spec = _episode_element(data if is_batch else getattr(data, "element_spec", None))
+    if isinstance(spec, dict) and "support_x" in spec:
+        shape = getattr(spec["support_x"], "shape", None)
+        if shape is not None and len(shape) > 0:
+            return shape[0]
+    return None
+
+
 def _spec_key(x):
     return (tuple(x.shape[1:]), x.dtype.name)
 
 
 def _rows_spec(x):
     return tf.TensorSpec((None,) + tuple(x.shape[1:]), x.dtype)
+
+
+def _raise_uneven_split(sizes):
+    raise ValueError(
+        "Expected the meta-batch to divide evenly across the "
+        f"{len(sizes)} replicas (each replica adapts its share of "
+        f"the tasks). Received a meta-batch of {sum(sizes)} tasks, "
+        f"split as {sizes}. Use a `meta_batch_size` that is a "
+        f"multiple of {len(sizes)}."
+    )
+
+
+def _multi_worker(strategy):
+    # Keras's own test for the reduction it applies to step outputs.
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and strategy.extended._in_multi_worker_mode()
 
 
 def _is_float(x):

@@ -1,83 +1,156 @@
-"""`ReptileModel.fit` under `tf.distribute.MirroredStrategy` equals one device.
+"""`ReptileModel.fit` under tf.distribute equals one device.
 
-Runs in a subprocess because logical CPU devices must be configured before
-TensorFlow initialises its devices.
+Every run is a subprocess: logical CPU devices and multi-worker clusters must
+be configured before TensorFlow initialises, and each worker is a process.
 """
 
+import json
+import os
+import socket
 import subprocess
 import sys
 import textwrap
 
+# argv: strategy ("single", "mirrored" or "multi_worker"), meta-batch size.
 SCRIPT = textwrap.dedent(
     """
     import json, sys
     import numpy as np
     import tensorflow as tf
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
+    kind, meta_batch_size = sys.argv[1], int(sys.argv[2])
+    if kind == "mirrored":
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    elif kind == "multi_worker":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
     import keras
     import keras_reptile
 
-    def run(strategy, meta_batch_size):
-        keras.utils.set_random_seed(0)
+    def episodes(meta_batch_size, seed):
         rng = np.random.default_rng(0)
         y = np.repeat(np.arange(8), 6)
         x = (rng.normal(size=(8, 8, 8, 1))[y]
              + 0.5 * rng.normal(size=(48, 8, 8, 1))).astype("float32")
-        tasks = keras_reptile.episodes.from_arrays(
+        return keras_reptile.episodes.from_arrays(
             x, y, ways=3, shots=2, query_shots=1,
-            meta_batch_size=meta_batch_size, seed=0)
-        with strategy.scope():
-            model = keras_reptile.ReptileModel(
-                keras_reptile.models.conv4((8, 8, 1), 3, filters=4, num_blocks=2),
-                inner_optimizer=keras.optimizers.Adam(0.01, beta_1=0.0),
-                inner_steps=3, inner_batch_size=3, eval_inner_steps=4)
-            model.compile(
-                optimizer=keras.optimizers.SGD(0.5),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"])
-        history = model.fit(tasks, steps_per_epoch=3, epochs=2, verbose=0)
-        return model, history.history
+            meta_batch_size=meta_batch_size, seed=seed)
 
-    try:
-        run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), 3)
-        uneven_error = None
-    except ValueError as error:
-        uneven_error = str(error)
-    single, h1 = run(tf.distribute.get_strategy(), 4)
-    mirrored, h2 = run(
-        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), 4)
-    diffs = [float(np.max(np.abs(a.numpy() - b.numpy())))
-             for a, b in zip(single.model.weights, mirrored.model.weights)]
-    moved = float(np.max(np.abs(single.model.weights[0].numpy())))
-    print(json.dumps({"max_diff": max(diffs), "num_weights": len(diffs),
-                      "loss": [h1["loss"], h2["loss"]],
-                      "accuracy": [h1["accuracy"], h2["accuracy"]],
-                      "uneven_error": uneven_error}))
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = keras_reptile.ReptileModel(
+            keras_reptile.models.conv4((8, 8, 1), 3, filters=4, num_blocks=2),
+            inner_optimizer=keras.optimizers.Adam(0.01, beta_1=0.0),
+            inner_steps=3, inner_batch_size=3, eval_inner_steps=4)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.5),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"])
+    # Each replica must adapt its share of the tasks, never all of them.
+    tasks_per_replica = set()
+    adapt_tasks = model._adapt_tasks
+    def spy(theta, state, episodes, **kwargs):
+        tasks_per_replica.add(int(episodes["support_x"].shape[0]))
+        return adapt_tasks(theta, state, episodes, **kwargs)
+    model._adapt_tasks = spy
+    history = model.fit(
+        episodes(meta_batch_size, 0), steps_per_epoch=3, epochs=2,
+        validation_data=episodes(meta_batch_size, 1), validation_steps=2,
+        verbose=0)
+    weights = [w.numpy().tolist() for w in model.model.weights]
+    uneven_error = None
+    if strategy.num_replicas_in_sync > 1:
+        try:
+            model.fit(episodes(3, 0), steps_per_epoch=1, verbose=0)
+        except ValueError as error:
+            uneven_error = str(error)
+        # Raised before any work: nothing moved.
+        assert weights == [w.numpy().tolist() for w in model.model.weights]
+    print(json.dumps({
+        "weights": weights,
+        "history": history.history,
+        "tasks_per_replica": sorted(tasks_per_replica),
+        "uneven_error": uneven_error,
+    }))
     """
 )
+
+
+def _run(kind, env=None):
+    process = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, kind, "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    return process
+
+
+def _report(process):
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _assert_same_training(single, distributed):
+    # 2 conv kernels, 2 x 4 BatchNormalization weights (statistics included),
+    # dense kernel and bias.
+    import numpy as np
+
+    assert len(single["weights"]) == len(distributed["weights"]) == 12
+    for a, b in zip(single["weights"], distributed["weights"]):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=0, atol=1e-5)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(
+            distributed["history"][key], single["history"][key], rtol=1e-5
+        )
+    # The meta-weights moved, so equality is not trivial.
+    assert np.abs(np.array(single["weights"][0])).max() > 0
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def test_mirrored_strategy_matches_single_device():
     # Outer SGD, as in the paper: an adaptive outer optimizer (Adam) turns
     # rounding-level differences in near-zero pseudo-gradient components
     # (summation order across replicas) into full-size steps.
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    import json
+    single = _report(_run("single"))
+    mirrored = _report(_run("mirrored"))
+    _assert_same_training(single, mirrored)
+    assert single["tasks_per_replica"] == [4]
+    assert mirrored["tasks_per_replica"] == [2]
+    assert single["uneven_error"] is None
+    assert "divide evenly across the 2 replicas" in mirrored["uneven_error"]
+    assert "split as [2, 1]" in mirrored["uneven_error"]
 
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    # 2 conv kernels, 2 x 4 BatchNormalization weights (statistics included),
-    # dense kernel and bias.
-    assert report["num_weights"] == 12
-    assert report["max_diff"] < 1e-5, report
-    for single, mirrored in zip(*report["loss"]):
-        assert abs(single - mirrored) < 1e-4, report
-    assert report["accuracy"][0] == report["accuracy"][1]
-    assert "divide evenly across the 2 replicas" in report["uneven_error"]
-    assert "split as [2, 1]" in report["uneven_error"]
+
+def test_multi_worker_mirrored_strategy_matches_single_device():
+    # Two worker processes on loopback, one CPU replica each: the meta-batch
+    # of 4 tasks is split 2 + 2 across processes.
+    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
+    workers = []
+    for index in range(2):
+        env = dict(os.environ)
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        )
+        workers.append(_run("multi_worker", env))
+    reports = [_report(worker) for worker in workers]
+    single = _report(_run("single"))
+    for report in reports:
+        _assert_same_training(single, report)
+        assert report["tasks_per_replica"] == [2]
+        assert "divide evenly across the 2 replicas" in report["uneven_error"]

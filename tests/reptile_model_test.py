@@ -297,6 +297,32 @@ def test_no_retracing_across_steps_epochs_and_evaluate_calls():
     assert traces == {"train": 1, "test": 1}
 
 
+def test_a_new_meta_batch_size_is_traced_anew():
+    # Keras relaxes a second input shape to None when it retraces, and the
+    # tasks of a meta-batch are unrolled: each entry point must start a fresh
+    # trace for a new meta-batch size, and compute what a model that never
+    # saw the old size computes.
+    model = _compile(_conv_reptile())
+    model.fit(_episodes(meta_batch_size=2), steps_per_epoch=1, verbose=0)
+    model.evaluate(_episodes(meta_batch_size=2, seed=5), steps=1, verbose=0)
+    model.predict_on_batch(next(iter(_episodes(meta_batch_size=2, seed=5))))
+    fresh = _compile(_conv_reptile())
+    fresh.set_weights(model.get_weights())
+
+    val = _episodes(meta_batch_size=4, seed=5)
+    expected = fresh.evaluate(val, steps=1, verbose=0, return_dict=True)
+    assert model.evaluate(val, steps=1, verbose=0, return_dict=True) == expected
+    batch = next(iter(val))
+    outputs = model.predict_on_batch(batch)
+    assert outputs.shape == (4, 6, 3)
+    np.testing.assert_array_equal(outputs, fresh.predict_on_batch(batch))
+
+    model.fit(_episodes(meta_batch_size=3), steps_per_epoch=1, verbose=0)
+    fresh.fit(_episodes(meta_batch_size=3), steps_per_epoch=1, verbose=0)
+    for a, b in zip(model.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_outer_optimizer_schedule_and_any_optimizer_work():
     model = _conv_reptile()
     model.compile(
