@@ -14,8 +14,11 @@ Smaller runs:
 
 For each configuration it measures, in this process and run:
 
-* `reptile` / `reptile_jit`: `ReptileModel.fit` as shipped (default
-  `compile()` settings) and with `compile(jit_compile=True)`, on an episodic
+* `reptile` / `reptile_sequential` / `reptile_jit`: `ReptileModel.fit` as
+  shipped (default settings: `parallel_tasks="auto"`, which on a CPU lets
+  the executor run the meta-batch's tasks concurrently), with
+  `parallel_tasks=False` (tasks one after the other), and with
+  `compile(jit_compile=True)`, on an episodic
   dataset from `keras_reptile.episodes.from_arrays` over random
   Omniglot-shaped data (100 classes x 20 images of 28x28x1). One warm-up
   `fit(steps_per_epoch=1)` (its wall time is reported as first-step/compile
@@ -95,14 +98,14 @@ CONFIGS = {
         kind="train", ways=5, shots=10, query_shots=1, meta_batch=5,
         inner_batch=10, inner_steps=5, inner_lr=1e-3, decay_steps=100_000,
         repeats=5,
-        steps={"reptile": 15, "reptile_jit": 15, "eager": 2,
+        steps={"reptile": 15, "reptile_sequential": 15, "reptile_jit": 15, "eager": 2,
                "eager_tf_function": 4, "fused": 10},
     ),
     "20way1shot": dict(
         kind="train", ways=20, shots=10, query_shots=1, meta_batch=5,
         inner_batch=20, inner_steps=10, inner_lr=5e-4, decay_steps=200_000,
         repeats=3,
-        steps={"reptile": 4, "reptile_jit": 4, "eager": 1,
+        steps={"reptile": 4, "reptile_sequential": 4, "reptile_jit": 4, "eager": 1,
                "eager_tf_function": 1, "fused": 5},
     ),
     "eval": dict(
@@ -111,12 +114,13 @@ CONFIGS = {
         repeats=5,
         # evaluate steps of 5 tasks; the eager loops' and fused steps are
         # single tasks.
-        steps={"reptile": 2, "reptile_jit": 1, "eager": 1,
+        steps={"reptile": 2, "reptile_sequential": 2, "reptile_jit": 1, "eager": 1,
                "eager_tf_function": 2, "fused": 5},
     ),
 }
-VARIANTS = ("reptile", "reptile_jit", "eager", "eager_tf_function", "fused",
-            "ceiling")
+VARIANTS = ("reptile", "reptile_sequential", "reptile_jit", "eager",
+            "eager_tf_function", "fused", "ceiling")
+REPTILE_VARIANTS = ("reptile", "reptile_sequential", "reptile_jit")
 EAGER_VARIANTS = ("eager", "eager_tf_function")
 QUICK = dict(repeats=2, steps=2, eager_steps=1, matmul_size=1024,
              matmul_repeats=3)
@@ -126,6 +130,7 @@ def label(variant, kind):
     method = "fit" if kind == "train" else "evaluate"
     return {
         "reptile": f"ReptileModel.{method}",
+        "reptile_sequential": f"ReptileModel.{method} (parallel_tasks=False)",
         "reptile_jit": f"ReptileModel.{method} (jit_compile=True)",
         "eager": "eager loop (keras.io style)",
         "eager_tf_function": "eager loop, tf.function inner step",
@@ -294,7 +299,7 @@ def measure_matmul(n, repeats):
 # Variants
 
 
-def bench_reptile(cfg, data, *, jit, repeats, steps):
+def bench_reptile(cfg, data, *, jit, parallel_tasks, repeats, steps):
     """`ReptileModel.fit` (or `evaluate`) as a user would call it."""
     keras.utils.set_random_seed(0)
     model = keras_reptile.ReptileModel(
@@ -305,6 +310,7 @@ def bench_reptile(cfg, data, *, jit, repeats, steps):
         inner_batch_size=cfg["inner_batch"] if cfg["kind"] == "train" else 10,
         eval_inner_steps=cfg["inner_steps"] if cfg["kind"] == "eval" else 50,
         eval_inner_batch_size=cfg["inner_batch"],
+        parallel_tasks=parallel_tasks,
     )
     # Python side effects run only while `tf.function` traces, so this
     # counts traces of the step. Keras binds `self.train_step` when it first
@@ -595,8 +601,7 @@ def positive_int(value):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Default steps per repeat (reptile, reptile_jit, eager, "
-        "eager_tf_function, fused) and repeats: "
+        epilog=f"Default steps per repeat ({', '.join(VARIANTS[:-1])}) and repeats: "
         + "; ".join(
             f"{name}: steps {', '.join(str(c['steps'][v]) for v in VARIANTS[:-1])}"
             f", repeats {c['repeats']}"
@@ -701,9 +706,15 @@ def finish_rows(cfg, rows, ceiling_rate):
         row["rates"] = [units / t for t in row["times_s"]]
         row["rate"] = units / statistics.median(row["times_s"])
     eager = next((r["rate"] for r in rows if r["variant"] == "eager"), None)
+    eager_tf_function = next(
+        (r["rate"] for r in rows if r["variant"] == "eager_tf_function"), None
+    )
     for row in rows:
         row["unit"] = unit_name(cfg)
         row["ratio_vs_eager"] = row["rate"] / eager if eager else None
+        row["ratio_vs_eager_tf_function"] = (
+            row["rate"] / eager_tf_function if eager_tf_function else None
+        )
         row["pct_of_ceiling"] = (
             100 * row["rate"] / ceiling_rate if ceiling_rate else None
         )
@@ -722,7 +733,8 @@ def print_table(results, matmul):
     )
     header = (
         f"{'variant':<42} {'rate':>10} {'first/compile s':>16} "
-        f"{'x eager':>8} {'% ceiling':>10} {'traces':>7} {'RSS MiB':>8}"
+        f"{'x eager':>8} {'x tf.fn':>8} {'% ceiling':>10} {'traces':>7} "
+        f"{'RSS MiB':>8}"
     )
     for name, config in results.items():
         print()
@@ -738,6 +750,7 @@ def print_table(results, matmul):
                 f"{row['label']:<42} {fmt(row['rate'], '10.3f'):>10} "
                 f"{fmt(row.get('first_s'), '16.1f'):>16} "
                 f"{fmt(row['ratio_vs_eager'], '8.2f'):>8} "
+                f"{fmt(row['ratio_vs_eager_tf_function'], '8.2f'):>8} "
                 f"{fmt(row['pct_of_ceiling'], '10.1f'):>10} "
                 f"{fmt(row.get('traces'), 'd'):>7} "
                 f"{fmt(row.get('rss_mb'), '8.0f'):>8}"
@@ -792,7 +805,7 @@ def main(argv=None):
         flops = flops_per_unit(cfg, fwd)
         rows = []
         overhead = None
-        if {"reptile", "reptile_jit"} & set(args.variants):
+        if set(REPTILE_VARIANTS) & set(args.variants):
             progress(f"{name} dataset iterator overhead")
             overhead = measure_iterator_overhead(cfg, data)
         for variant in args.variants:
@@ -800,9 +813,12 @@ def main(argv=None):
                 continue
             steps = steps_for(cfg, variant, args)
             progress(f"{name} {variant}: warm-up + {repeats} x {steps} steps")
-            if variant in ("reptile", "reptile_jit"):
-                row = bench_reptile(cfg, data, jit=variant == "reptile_jit",
-                                    repeats=repeats, steps=steps)
+            if variant in REPTILE_VARIANTS:
+                row = bench_reptile(
+                    cfg, data, jit=variant == "reptile_jit",
+                    parallel_tasks=False if variant == "reptile_sequential" else "auto",
+                    repeats=repeats, steps=steps,
+                )
             elif variant in EAGER_VARIANTS:
                 row = bench_plain(
                     cfg, data, use_tf_function=variant == "eager_tf_function",
@@ -844,7 +860,7 @@ def main(argv=None):
         finish_rows(cfg, config["rows"], config["ceiling_rate"])
         overhead = config["iterator_overhead"]
         for row in config["rows"]:
-            if overhead and row["variant"] in ("reptile", "reptile_jit"):
+            if overhead and row["variant"] in REPTILE_VARIANTS:
                 row["iterator_overhead_fraction"] = (
                     overhead["median_s"] / statistics.median(row["times_s"])
                 )

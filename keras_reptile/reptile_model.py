@@ -76,6 +76,17 @@ class ReptileModel(keras.Model):
             `inner_batch_size`.
         transductive: Whether evaluation normalises BatchNormalization with
             the query batch's statistics (see above).
+        parallel_tasks: Whether the tasks of a meta-batch (of each replica's
+            share, under `tf.distribute`) adapt concurrently or one after the
+            other. Either way they are independent computations in one
+            compiled step and give identical results. `True` lets TensorFlow's
+            executor run the tasks' ops at the same time, which overlaps the
+            per-op overhead of small ops on a multi-core CPU; `False` chains
+            the tasks, so that only one task's activations are alive at a
+            time. `"auto"` (the default) is `True` when the step runs on CPUs
+            and `False` on GPUs and TPUs, where kernels run one at a time on
+            the device anyway. Tasks cannot be vectorised into one batched
+            computation: each task convolves with its own weights.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -109,6 +120,7 @@ class ReptileModel(keras.Model):
         eval_inner_steps=50,
         eval_inner_batch_size=None,
         transductive=False,
+        parallel_tasks="auto",
         **kwargs,
     ):
         if not isinstance(model, keras.Model):
@@ -140,6 +152,11 @@ class ReptileModel(keras.Model):
                 "Expected `transductive` to be a bool. Received: "
                 f"transductive={transductive!r}"
             )
+        if parallel_tasks != "auto" and not isinstance(parallel_tasks, bool):
+            raise ValueError(
+                'Expected `parallel_tasks` to be "auto", True or False. '
+                f"Received: parallel_tasks={parallel_tasks!r}"
+            )
         inner_optimizer = inner_loop.get_optimizer(inner_optimizer)
 
         super().__init__(**kwargs)
@@ -150,6 +167,7 @@ class ReptileModel(keras.Model):
         self.eval_inner_steps = eval_inner_steps
         self.eval_inner_batch_size = eval_inner_batch_size
         self.transductive = transductive
+        self.parallel_tasks = parallel_tasks
         self._adapt_functions = {}
         self._step_meta_batch = {}
         if model.built:
@@ -176,6 +194,7 @@ class ReptileModel(keras.Model):
             eval_inner_steps=self.eval_inner_steps,
             eval_inner_batch_size=self.eval_inner_batch_size,
             transductive=self.transductive,
+            parallel_tasks=self.parallel_tasks,
         )
         return config
 
@@ -358,22 +377,38 @@ class ReptileModel(keras.Model):
         # Integer state (seed generators) is threaded from task to task so
         # that tasks draw different random numbers.
         running = list(state)
+        sequential = not self._tasks_run_in_parallel()
         for b in range(support_x.shape[0]):
+            task = (support_x[b], support_y[b], query_x[b])
+            if sequential and b > 0:
+                # Nothing of task b can start before task b-1 has finished.
+                previous = (phis[-1], states[-1], preds[-1])
+                with tf.control_dependencies(tf.nest.flatten(previous)):
+                    task = [tf.identity(t) for t in task]
+            task_support_x, task_support_y, task_query_x = task
             start = [
                 s if _is_float(s) else r for s, r in zip(state, running)
             ]
             phi, new_state = self._adapt_weights(
-                theta, start, support_x[b], support_y[b], steps, batch_size
+                theta, start, task_support_x, task_support_y, steps, batch_size
             )
             preds.append(
                 self._predict_adapted(
-                    phi, new_state, support_x[b], query_x[b], transductive
+                    phi, new_state, task_support_x, task_query_x, transductive
                 )
             )
             phis.append(phi)
             states.append(new_state)
             running = new_state
         return phis, states, preds
+
+    def _tasks_run_in_parallel(self):
+        if self.parallel_tasks != "auto":
+            return self.parallel_tasks
+        accelerators = tf.config.list_logical_devices(
+            "GPU"
+        ) + tf.config.list_logical_devices("TPU")
+        return not accelerators
 
     def _adapt_weights(self, theta, state, x, y, steps, batch_size):
         return inner_loop.adapt(

@@ -1,6 +1,7 @@
 """`ReptileModel`: the meta-step, evaluation, adaptation, saving and errors."""
 
 import os
+import time
 
 import keras
 import numpy as np
@@ -117,10 +118,11 @@ def _compile(model, lr=1.0, **kwargs):
     return model
 
 
-def test_meta_step_equals_reptile_update_from_a_reference_loop():
+@pytest.mark.parametrize("parallel_tasks", [True, False])
+def test_meta_step_equals_reptile_update_from_a_reference_loop(parallel_tasks):
     # Reference: for each task, a fresh Keras clone trained eagerly with a
     # fresh real Adam on the specified rows; then theta + eps*(mean phi - theta).
-    model = _compile(_conv_reptile(), lr=0.3)
+    model = _compile(_conv_reptile(parallel_tasks=parallel_tasks), lr=0.3)
     episode = next(iter(_episodes(shots=4)))
     theta = [v.numpy() for v in model.model.trainable_variables]
     phis, stats = [], []
@@ -297,6 +299,42 @@ def test_no_retracing_across_steps_epochs_and_evaluate_calls():
     assert traces == {"train": 1, "test": 1}
 
 
+def test_parallel_tasks_overlaps_the_tasks_or_runs_them_in_order():
+    # A layer that records which task calls it (the inputs of task b are all
+    # b) and sleeps, so tasks whose ops may run concurrently interleave.
+    calls = []
+
+    def record(x):
+        calls.append(int(x.flat[0]))
+        time.sleep(0.01)
+        return x
+
+    class Probe(keras.layers.Layer):
+        def call(self, x):
+            y = tf.numpy_function(record, [x], x.dtype, stateful=False)
+            return tf.ensure_shape(y, x.shape)
+
+    tasks = 4
+    x = np.broadcast_to(np.arange(tasks, dtype="float32")[:, None, None], (tasks, 2, 2))
+    y = np.zeros((tasks, 2), "int32")
+    batch = {"support_x": x, "support_y": y, "query_x": x, "query_y": y}
+    order = {}
+    for parallel_tasks in (False, True):
+        inputs = keras.Input((2,))
+        backbone = keras.Model(inputs, keras.layers.Dense(2)(Probe()(inputs)))
+        model = ReptileModel(backbone, inner_optimizer="sgd", inner_steps=3,
+                             inner_batch_size=2, parallel_tasks=parallel_tasks)
+        model.compile(optimizer="sgd", loss=SCCE)
+        model.train_on_batch(batch)  # traces
+        calls.clear()
+        model.train_on_batch(batch)
+        order[parallel_tasks] = list(calls)
+    # 3 inner steps and 1 query pass per task.
+    assert order[False] == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    assert sorted(order[True]) == order[False]
+    assert order[True] != order[False]
+
+
 def test_a_new_meta_batch_size_is_traced_anew():
     # Keras relaxes a second input shape to None when it retraces, and the
     # tasks of a meta-batch are unrolled: each entry point must start a fresh
@@ -398,11 +436,11 @@ def test_regression_tasks_from_a_task_generator():
 
 
 def test_get_config_round_trip():
-    model = _conv_reptile(transductive=True, eval_inner_batch_size=7)
+    model = _conv_reptile(transductive=True, eval_inner_batch_size=7, parallel_tasks=False)
     config = model.get_config()
     restored = ReptileModel.from_config(config)
     for key in ("inner_steps", "inner_batch_size", "eval_inner_steps",
-                "eval_inner_batch_size", "transductive"):
+                "eval_inner_batch_size", "transductive", "parallel_tasks"):
         assert getattr(restored, key) == getattr(model, key)
     assert restored.inner_optimizer.get_config() == model.inner_optimizer.get_config()
     assert type(restored.inner_optimizer) is keras.optimizers.Adam
@@ -443,6 +481,8 @@ def test_keras_file_round_trip_gives_identical_outputs_and_training(tmp_path):
         (dict(inner_batch_size=-1), "`inner_batch_size` to be a positive integer"),
         (dict(eval_inner_steps=2.5), "`eval_inner_steps` to be a positive integer"),
         (dict(eval_inner_batch_size=True), "`eval_inner_batch_size` to be a positive integer"),
+        (dict(parallel_tasks="yes"), 'Expected `parallel_tasks` to be "auto", True or False. '
+         "Received: parallel_tasks='yes'"),
     ],
 )
 def test_bad_hyperparameters_raise_value_error(kwargs, message):
