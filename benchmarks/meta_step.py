@@ -36,6 +36,11 @@ For each configuration it measures, in this process and run:
   runs of N steps on one dataset iterator. For `eval` a step is one task.
 * `eager_tf_function`: the same loop with each inner step (forward, backward
   and optimizer apply) wrapped in `tf.function`.
+* `inner_steps`: for reference, the inner steps of one meta-step (one task,
+  for `eval`) as separate calls of one `tf.function` train step (forward,
+  backward, Adam apply) on one inner batch each, back to back: what the
+  inner steps cost on their own at this batch size, without the meta-step
+  around them.
 * `fused`: for reference, one `tf.function` train step (forward, backward,
   Adam apply) of the network on all the images one meta-step (one task, for
   `eval`) adapts on, as a single batch.
@@ -99,14 +104,14 @@ CONFIGS = {
         inner_batch=10, inner_steps=5, inner_lr=1e-3, decay_steps=100_000,
         repeats=5,
         steps={"reptile": 15, "reptile_sequential": 15, "reptile_jit": 15, "eager": 2,
-               "eager_tf_function": 4, "fused": 10},
+               "eager_tf_function": 4, "inner_steps": 10, "fused": 10},
     ),
     "20way1shot": dict(
         kind="train", ways=20, shots=10, query_shots=1, meta_batch=5,
         inner_batch=20, inner_steps=10, inner_lr=5e-4, decay_steps=200_000,
         repeats=3,
         steps={"reptile": 4, "reptile_sequential": 4, "reptile_jit": 4, "eager": 1,
-               "eager_tf_function": 1, "fused": 5},
+               "eager_tf_function": 1, "inner_steps": 4, "fused": 5},
     ),
     "eval": dict(
         kind="eval", ways=5, shots=1, query_shots=1, meta_batch=5,
@@ -115,11 +120,11 @@ CONFIGS = {
         # evaluate steps of 5 tasks; the eager loops' and fused steps are
         # single tasks.
         steps={"reptile": 2, "reptile_sequential": 2, "reptile_jit": 1, "eager": 1,
-               "eager_tf_function": 2, "fused": 5},
+               "eager_tf_function": 2, "inner_steps": 5, "fused": 5},
     ),
 }
 VARIANTS = ("reptile", "reptile_sequential", "reptile_jit", "eager",
-            "eager_tf_function", "fused", "ceiling")
+            "eager_tf_function", "inner_steps", "fused", "ceiling")
 REPTILE_VARIANTS = ("reptile", "reptile_sequential", "reptile_jit")
 EAGER_VARIANTS = ("eager", "eager_tf_function")
 QUICK = dict(repeats=2, steps=2, eager_steps=1, matmul_size=1024,
@@ -134,6 +139,7 @@ def label(variant, kind):
         "reptile_jit": f"ReptileModel.{method} (jit_compile=True)",
         "eager": "eager loop (keras.io style)",
         "eager_tf_function": "eager loop, tf.function inner step",
+        "inner_steps": "inner steps alone, back to back (reference)",
         "fused": "fused fwd+bwd, one batch (reference)",
         "ceiling": "compute ceiling (matmul FLOP/s)",
     }[variant]
@@ -500,16 +506,25 @@ def bench_plain(cfg, data, *, use_tf_function, repeats, steps):
     return result
 
 
-def bench_fused(cfg, *, repeats, steps):
-    """One `tf.function` train step on every image one unit adapts on."""
+def bench_fused(cfg, *, repeats, steps, per_inner_step=False):
+    """`tf.function` train steps on the images one unit adapts on.
+
+    One step on all of them as a single batch, or (`per_inner_step`) one
+    step per inner batch, back to back.
+    """
     keras.utils.set_random_seed(0)
     model = make_backbone(cfg)
     optimizer = make_inner_optimizer(cfg)
     optimizer.build(model.trainable_variables)
     loss_fn = make_loss()
-    images = cfg["inner_steps"] * cfg["inner_batch"]
+    calls_per_unit = cfg["inner_steps"]
     if cfg["kind"] == "train":
-        images *= cfg["meta_batch"]
+        calls_per_unit *= cfg["meta_batch"]
+    images = cfg["inner_batch"] * calls_per_unit
+    if per_inner_step:
+        images = cfg["inner_batch"]
+    else:
+        calls_per_unit = 1
     rng = np.random.default_rng(0)
     x = tf.constant(rng.random((images,) + INPUT_SHAPE, "float32"))
     y = tf.constant(rng.integers(0, cfg["ways"], images), tf.int32)
@@ -528,14 +543,14 @@ def bench_fused(cfg, *, repeats, steps):
         loss.numpy()
 
     first = timed(lambda: run(1))
-    times = [timed(lambda: run(steps)) for _ in range(repeats)]
+    times = [timed(lambda: run(steps * calls_per_unit)) for _ in range(repeats)]
     current, peak = rss_mb()
     del model, optimizer
     gc.collect()
-    # One call stands for one meta-step (train) or one task (eval).
+    # `calls_per_unit` calls stand for one meta-step (train) or one task (eval).
     return dict(first_s=first, times_s=times, steps_per_repeat=steps,
-                images_per_call=images, units_per_step=1,
-                rss_mb=current, peak_rss_mb=peak)
+                images_per_call=images, calls_per_unit=calls_per_unit,
+                units_per_step=1, rss_mb=current, peak_rss_mb=peak)
 
 
 # ----------------------------------------------------------------------
@@ -825,7 +840,8 @@ def main(argv=None):
                     repeats=repeats, steps=steps,
                 )
             else:
-                row = bench_fused(cfg, repeats=repeats, steps=steps)
+                row = bench_fused(cfg, repeats=repeats, steps=steps,
+                                  per_inner_step=variant == "inner_steps")
             row.update(variant=variant, label=label(variant, cfg["kind"]),
                        repeats=repeats)
             rows.append(row)
