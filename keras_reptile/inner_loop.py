@@ -333,6 +333,9 @@ def adapt(
     optimizer,
     steps,
     batch_size,
+    optimizer_state=None,
+    first_iteration=0,
+    return_optimizer_state=False,
 ):
     """Adapts weights to one task, functionally.
 
@@ -349,13 +352,20 @@ def adapt(
         loss_fn: `loss_fn(y_true, y_pred)` returning a scalar. Losses the
             model adds itself (regularisers, activity losses) are added,
             computed from the adapted weights.
-        optimizer: An `InnerOptimizer`; a fresh state is used.
+        optimizer: An `InnerOptimizer`.
         steps: Number of steps; a Python int up to `MAX_UNROLLED_STEPS` is
             unrolled, anything else runs in a `tf.while_loop`.
         batch_size: Rows per step, Python int.
+        optimizer_state: The optimizer state to start from (as returned by
+            `InnerOptimizer.init`); `None` for a fresh optimizer.
+        first_iteration: The optimizer's iteration count at the start
+            (learning-rate schedules and bias corrections use it).
+        return_optimizer_state: Whether to also return the final optimizer
+            state.
 
     Returns:
-        `(trainable, non_trainable)` after adaptation.
+        `(trainable, non_trainable)` after adaptation, and the optimizer
+        state if `return_optimizer_state`.
     """
     if isinstance(steps, int) and steps > MAX_UNROLLED_STEPS:
         steps = tf.constant(steps, tf.int32)
@@ -376,10 +386,17 @@ def adapt(
             if losses:
                 loss = loss + tf.add_n([tf.cast(tf.reduce_sum(l), loss.dtype) for l in losses])
         grads = tape.gradient(loss, params)
-        params, state = optimizer.update(grads, params, state, t)
+        iteration = t
+        if not (isinstance(first_iteration, int) and first_iteration == 0):
+            iteration = tf.cast(first_iteration, tf.int64) + tf.cast(t, tf.int64)
+        params, state = optimizer.update(grads, params, state, iteration)
         return params, state, list(new_nt)
 
     params = list(trainable)
-    carry = (params, optimizer.init(params), list(non_trainable))
-    params, _, nt = fori_loop(steps, step_fn, carry)
+    if optimizer_state is None:
+        optimizer_state = optimizer.init(params)
+    carry = (params, optimizer_state, list(non_trainable))
+    params, optimizer_state, nt = fori_loop(steps, step_fn, carry)
+    if return_optimizer_state:
+        return list(params), list(nt), optimizer_state
     return list(params), list(nt)

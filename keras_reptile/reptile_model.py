@@ -87,6 +87,16 @@ class ReptileModel(keras.Model):
             and `False` on GPUs and TPUs, where kernels run one at a time on
             the device anyway. Tasks cannot be vectorised into one batched
             computation: each task convolves with its own weights.
+        carry_inner_optimizer_state: If True, the inner optimizer's state
+            (e.g. Adam's moment estimates and iteration count) is not reset
+            for each task but carried over, as in the paper's code, where
+            one Adam instance runs through all tasks. Every task of a
+            meta-step starts from the carried state; afterwards it becomes
+            the mean over tasks of their final states (the paper's code runs
+            tasks one after another, so its state passes from task to task
+            instead), with the iteration count advanced by `inner_steps`.
+            Evaluation, `adapt()` and export start from the carried state
+            and leave it unchanged. The state is saved with the model.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -121,6 +131,7 @@ class ReptileModel(keras.Model):
         eval_inner_batch_size=None,
         transductive=False,
         parallel_tasks="auto",
+        carry_inner_optimizer_state=False,
         **kwargs,
     ):
         if not isinstance(model, keras.Model):
@@ -157,6 +168,11 @@ class ReptileModel(keras.Model):
                 'Expected `parallel_tasks` to be "auto", True or False. '
                 f"Received: parallel_tasks={parallel_tasks!r}"
             )
+        if not isinstance(carry_inner_optimizer_state, bool):
+            raise TypeError(
+                "Expected `carry_inner_optimizer_state` to be a bool. Received: "
+                f"carry_inner_optimizer_state={carry_inner_optimizer_state!r}"
+            )
         inner_optimizer = inner_loop.get_optimizer(inner_optimizer)
 
         super().__init__(**kwargs)
@@ -168,9 +184,12 @@ class ReptileModel(keras.Model):
         self.eval_inner_batch_size = eval_inner_batch_size
         self.transductive = transductive
         self.parallel_tasks = parallel_tasks
+        self.carry_inner_optimizer_state = carry_inner_optimizer_state
         self._adapt_functions = {}
         self._step_meta_batch = {}
+        self._inner_state = None
         if model.built:
+            self._create_inner_state()
             self.built = True
 
     # ------------------------------------------------------------------
@@ -179,7 +198,33 @@ class ReptileModel(keras.Model):
     def build(self, input_shape):
         if not self.model.built:
             self.model.build(input_shape)
+        self._create_inner_state()
         self.built = True
+
+    def _create_inner_state(self):
+        """Variables for the carried inner-optimizer state, if it is carried."""
+        if not self.carry_inner_optimizer_state or self._inner_state is not None:
+            return
+        variables = self.model.trainable_variables
+        initial = self._inner_rule().init([v.value for v in variables])
+        slots = {}
+        for key, values in initial.items():
+            slots[key] = []
+            for variable, value in zip(variables, values):
+                slot = self.add_weight(
+                    shape=variable.shape,
+                    dtype=variable.dtype,
+                    initializer="zeros",
+                    trainable=False,
+                    name=f"inner_{key}_{variable.name}",
+                )
+                slot.assign(value)
+                slots[key].append(slot)
+        iterations = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False,
+            name="inner_iterations",
+        )
+        self._inner_state = (slots, iterations)
 
     def call(self, inputs, training=False):
         return self.model(inputs, training=training)
@@ -195,6 +240,7 @@ class ReptileModel(keras.Model):
             eval_inner_batch_size=self.eval_inner_batch_size,
             transductive=self.transductive,
             parallel_tasks=self.parallel_tasks,
+            carry_inner_optimizer_state=self.carry_inner_optimizer_state,
         )
         return config
 
@@ -301,7 +347,7 @@ class ReptileModel(keras.Model):
         episodes = self._unpack_episodes(data)
         theta = _values(self.model.trainable_variables)
         state = _values(self.model.non_trainable_variables)
-        phis, states, preds = self._adapt_tasks(
+        phis, states, preds, optimizer_states = self._adapt_tasks(
             theta,
             state,
             episodes,
@@ -332,6 +378,17 @@ class ReptileModel(keras.Model):
                 # replica, so it is the same everywhere.
                 new_state.append(values[-1])
         _assign_across_replicas(self.model.non_trainable_variables, new_state)
+        if self._inner_state is not None:
+            # Every task started from the carried state; carry on from the
+            # mean of where they ended, `inner_steps` iterations later.
+            slots, iterations = self._inner_state
+            variables, values = [iterations], [iterations + self.inner_steps]
+            for key, slot_list in slots.items():
+                for i, slot in enumerate(slot_list):
+                    ends = [task_state[key][i] for task_state in optimizer_states]
+                    variables.append(slot)
+                    values.append(tf.add_n(ends) / local_tasks * share)
+            _assign_across_replicas(variables, values)
         return self._report(episodes, preds)
 
     def test_step(self, data):
@@ -359,7 +416,7 @@ class ReptileModel(keras.Model):
 
     def _evaluate_tasks(self, episodes):
         """Query outputs of every task after evaluation-time adaptation."""
-        _, _, preds = self._adapt_tasks(
+        _, _, preds, _ = self._adapt_tasks(
             _values(self.model.trainable_variables),
             _values(self.model.non_trainable_variables),
             episodes,
@@ -370,10 +427,14 @@ class ReptileModel(keras.Model):
         return preds
 
     def _adapt_tasks(self, theta, state, episodes, *, steps, batch_size, transductive):
-        """Adapts θ to every task of a meta-batch; returns φs, states, query outputs."""
+        """Adapts θ to every task of a meta-batch.
+
+        Returns φs, states, query outputs and final inner-optimizer states
+        (`None`s unless the state is carried).
+        """
         self._check_compiled()
         support_x, support_y, query_x, _ = (episodes[k] for k in EPISODE_KEYS)
-        phis, states, preds = [], [], []
+        phis, states, preds, optimizer_states = [], [], [], []
         # Integer state (seed generators) is threaded from task to task so
         # that tasks draw different random numbers.
         running = list(state)
@@ -389,8 +450,9 @@ class ReptileModel(keras.Model):
             start = [
                 s if _is_float(s) else r for s, r in zip(state, running)
             ]
-            phi, new_state = self._adapt_weights(
-                theta, start, task_support_x, task_support_y, steps, batch_size
+            phi, new_state, optimizer_state = self._adapt_weights(
+                theta, start, task_support_x, task_support_y, steps, batch_size,
+                return_optimizer_state=True,
             )
             preds.append(
                 self._predict_adapted(
@@ -399,8 +461,9 @@ class ReptileModel(keras.Model):
             )
             phis.append(phi)
             states.append(new_state)
+            optimizer_states.append(optimizer_state)
             running = new_state
-        return phis, states, preds
+        return phis, states, preds, optimizer_states
 
     def _tasks_run_in_parallel(self):
         if self.parallel_tasks != "auto":
@@ -410,8 +473,15 @@ class ReptileModel(keras.Model):
         ) + tf.config.list_logical_devices("TPU")
         return not accelerators
 
-    def _adapt_weights(self, theta, state, x, y, steps, batch_size):
-        return inner_loop.adapt(
+    def _adapt_weights(
+        self, theta, state, x, y, steps, batch_size, return_optimizer_state=False
+    ):
+        optimizer_state, first_iteration = None, 0
+        if self._inner_state is not None:
+            slots, iterations = self._inner_state
+            optimizer_state = {k: _values(v) for k, v in slots.items()}
+            first_iteration = iterations.value
+        phi, state, optimizer_state = inner_loop.adapt(
             self.model,
             theta,
             state,
@@ -421,7 +491,15 @@ class ReptileModel(keras.Model):
             optimizer=self._inner_rule(),
             steps=steps,
             batch_size=batch_size,
+            optimizer_state=optimizer_state,
+            first_iteration=first_iteration,
+            return_optimizer_state=True,
         )
+        if self._inner_state is None:
+            optimizer_state = None
+        if return_optimizer_state:
+            return phi, state, optimizer_state
+        return phi, state
 
     def _task_loss(self, y_true, y_pred):
         # Keras losses divide by the number of replicas under tf.distribute,

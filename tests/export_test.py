@@ -554,6 +554,40 @@ def test_categorical_crossentropy_probabilities(tmp_path):
         loaded.adapt_and_predict(sx, sy[:, :2], qx)
 
 
+def test_carried_inner_optimizer_state_is_served(tmp_path):
+    # Adaptation in the served graph starts from the carried Adam state,
+    # exactly as `adapt_and_predict` in process (checked against real Adams
+    # in reptile_model_test).
+    keras.utils.set_random_seed(4)
+    net = keras_reptile.models.conv4(SHAPE, num_classes=WAYS, filters=4, num_blocks=2)
+    model = ReptileModel(
+        net, inner_optimizer=keras.optimizers.Adam(0.01, beta_1=0.0), inner_steps=2,
+        inner_batch_size=3, eval_inner_steps=EVAL_STEPS, carry_inner_optimizer_state=True,
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    data = _classification_data()
+    sx, sy, qx = data["sx_a"], data["sy_a"], data["qx_a"]
+    tasks = keras_reptile.episodes.from_arrays(
+        np.concatenate([sx, qx]), np.arange(len(sx) + len(qx)) % WAYS,
+        ways=WAYS, shots=2, query_shots=1, meta_batch_size=2, seed=4,
+    )
+    model.fit(tasks, steps_per_epoch=3, verbose=0)
+    loaded = tf.saved_model.load(model.export(tmp_path / "1", verbose=False))
+    result = loaded.adapt_and_predict(sx, sy, qx)
+    expected = model.adapt_and_predict(sx, sy, qx)
+    np.testing.assert_allclose(result["outputs"], expected, **TOL)
+    # A fresh inner Adam would give other outputs, so the state mattered.
+    fresh = ReptileModel(
+        model.model, inner_optimizer=keras.optimizers.Adam(0.01, beta_1=0.0),
+        eval_inner_steps=EVAL_STEPS, eval_inner_batch_size=3,
+    )
+    fresh.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert np.abs(fresh.adapt_and_predict(sx, sy, qx) - expected).max() > 1e-3
+
+
 @pytest.mark.parametrize(
     "loss, expected",
     [

@@ -11,14 +11,15 @@ import subprocess
 import sys
 import textwrap
 
-# argv: strategy ("single", "mirrored" or "multi_worker"), meta-batch size.
+# argv: strategy ("single", "mirrored" or "multi_worker"), meta-batch size,
+# whether the inner optimizer's state is carried ("0"/"1").
 SCRIPT = textwrap.dedent(
     """
     import json, sys
     import numpy as np
     import tensorflow as tf
 
-    kind, meta_batch_size = sys.argv[1], int(sys.argv[2])
+    kind, meta_batch_size, carry = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     if kind == "mirrored":
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
@@ -45,7 +46,8 @@ SCRIPT = textwrap.dedent(
         model = keras_reptile.ReptileModel(
             keras_reptile.models.conv4((8, 8, 1), 3, filters=4, num_blocks=2),
             inner_optimizer=keras.optimizers.Adam(0.01, beta_1=0.0),
-            inner_steps=3, inner_batch_size=3, eval_inner_steps=4)
+            inner_steps=3, inner_batch_size=3, eval_inner_steps=4,
+            carry_inner_optimizer_state=carry)
         model.compile(
             optimizer=keras.optimizers.SGD(0.5),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -61,7 +63,9 @@ SCRIPT = textwrap.dedent(
         episodes(meta_batch_size, 0), steps_per_epoch=3, epochs=2,
         validation_data=episodes(meta_batch_size, 1), validation_steps=2,
         verbose=0)
-    weights = [w.numpy().tolist() for w in model.model.weights]
+    # The wrapped model's weights (BatchNorm statistics included) and the
+    # carried inner-optimizer state, if any.
+    weights = [w.numpy().tolist() for w in model.weights]
     uneven_error = None
     if strategy.num_replicas_in_sync > 1:
         try:
@@ -69,7 +73,7 @@ SCRIPT = textwrap.dedent(
         except ValueError as error:
             uneven_error = str(error)
         # Raised before any work: nothing moved.
-        assert weights == [w.numpy().tolist() for w in model.model.weights]
+        assert weights == [w.numpy().tolist() for w in model.weights]
     print(json.dumps({
         "weights": weights,
         "history": history.history,
@@ -80,9 +84,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(kind, env=None):
+def _run(kind, carry=False, env=None):
     process = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, kind, "4"],
+        [sys.executable, "-c", SCRIPT, kind, "4", "1" if carry else "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -97,12 +101,10 @@ def _report(process):
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def _assert_same_training(single, distributed):
-    # 2 conv kernels, 2 x 4 BatchNormalization weights (statistics included),
-    # dense kernel and bias.
+def _assert_same_training(single, distributed, num_weights):
     import numpy as np
 
-    assert len(single["weights"]) == len(distributed["weights"]) == 12
+    assert len(single["weights"]) == len(distributed["weights"]) == num_weights
     for a, b in zip(single["weights"], distributed["weights"]):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=0, atol=1e-5)
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
@@ -129,7 +131,9 @@ def test_mirrored_strategy_matches_single_device():
     # (summation order across replicas) into full-size steps.
     single = _report(_run("single"))
     mirrored = _report(_run("mirrored"))
-    _assert_same_training(single, mirrored)
+    # 2 conv kernels, 2 x 4 BatchNormalization weights (statistics included),
+    # dense kernel and bias.
+    _assert_same_training(single, mirrored, 12)
     assert single["tasks_per_replica"] == [4]
     assert mirrored["tasks_per_replica"] == [2]
     assert single["uneven_error"] is None
@@ -139,7 +143,8 @@ def test_mirrored_strategy_matches_single_device():
 
 def test_multi_worker_mirrored_strategy_matches_single_device():
     # Two worker processes on loopback, one CPU replica each: the meta-batch
-    # of 4 tasks is split 2 + 2 across processes.
+    # of 4 tasks is split 2 + 2 across processes. With the inner Adam's state
+    # carried, which is averaged across workers too.
     cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
     workers = []
     for index in range(2):
@@ -147,10 +152,11 @@ def test_multi_worker_mirrored_strategy_matches_single_device():
         env["TF_CONFIG"] = json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": index}}
         )
-        workers.append(_run("multi_worker", env))
+        workers.append(_run("multi_worker", carry=True, env=env))
     reports = [_report(worker) for worker in workers]
-    single = _report(_run("single"))
+    single = _report(_run("single", carry=True))
     for report in reports:
-        _assert_same_training(single, report)
+        # The 12 weights above, Adam's 2 x 8 slots and its iteration count.
+        _assert_same_training(single, report, 29)
         assert report["tasks_per_replica"] == [2]
         assert "divide evenly across the 2 replicas" in report["uneven_error"]
