@@ -93,6 +93,10 @@ def parse_args(argv=None):
                         "validation and one learning-curve point per epoch).")
     parser.add_argument("--baseline", action="store_true",
                         help="Also train and test the classifier + cosine-NN baseline.")
+    parser.add_argument("--carry-inner-state", action="store_true",
+                        help="Carry the inner Adam's state across tasks and "
+                        "meta-steps, as the paper's code does "
+                        "(ReptileModel(carry_inner_optimizer_state=True)).")
     parser.add_argument("--jit-compile", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join(REPO, "docs", "omniglot"))
@@ -131,6 +135,7 @@ def build_model(config, args):
         inner_batch_size=config["inner_batch_size"],
         eval_inner_steps=EVAL_INNER_STEPS,
         eval_inner_batch_size=config["eval_inner_batch_size"],
+        carry_inner_optimizer_state=args.carry_inner_state,
     )
     model.compile(
         optimizer=keras.optimizers.SGD(
@@ -289,6 +294,7 @@ def main(argv=None):
         "preset": args.preset,
         "config": config,
         "train_on": args.train_on,
+        "carry_inner_state": args.carry_inner_state,
         "train_classes": f"{train.num_classes} characters x 4 rotations "
                          f"({', '.join(train.alphabet_names)})",
         "validation_classes": val.num_classes,
