@@ -83,9 +83,9 @@ class ReptileModel(keras.Model):
             executor run the tasks' ops at the same time, which overlaps the
             per-op overhead of small ops on a multi-core CPU; `False` chains
             the tasks, so that only one task's activations are alive at a
-            time. `"auto"` (the default) is `True` when the step runs on CPUs
-            and `False` on GPUs and TPUs, where kernels run one at a time on
-            the device anyway. Tasks cannot be vectorised into one batched
+            time. `"auto"` (the default) is `True` on machines without GPUs
+            and TPUs, and `False` on those, where kernels run one at a time
+            on the device anyway. Tasks cannot be vectorised into one batched
             computation: each task convolves with its own weights.
         carry_inner_optimizer_state: If True, the inner optimizer's state
             (e.g. Adam's moment estimates and iteration count) is not reset
@@ -96,7 +96,9 @@ class ReptileModel(keras.Model):
             tasks one after another, so its state passes from task to task
             instead), with the iteration count advanced by `inner_steps`.
             Evaluation, `adapt()` and export start from the carried state
-            and leave it unchanged. The state is saved with the model.
+            and leave it unchanged. The state is saved with the model. Needs
+            a built `model`; the state is tied to its trainable variables and
+            the inner optimizer's type and options.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -173,6 +175,17 @@ class ReptileModel(keras.Model):
                 "Expected `carry_inner_optimizer_state` to be a bool. Received: "
                 f"carry_inner_optimizer_state={carry_inner_optimizer_state!r}"
             )
+        if carry_inner_optimizer_state and not (
+            model.built and model.trainable_variables
+        ):
+            # The carried state is made from the model's variables, up front,
+            # so that it exists in every code path and in saved models.
+            raise ValueError(
+                "Expected a built `model` with trainable variables when "
+                "`carry_inner_optimizer_state=True`. Received a model with "
+                f"built={model.built} and {len(model.trainable_variables)} "
+                "trainable variables. Build it first, e.g. call it on a batch."
+            )
         inner_optimizer = inner_loop.get_optimizer(inner_optimizer)
 
         super().__init__(**kwargs)
@@ -183,22 +196,30 @@ class ReptileModel(keras.Model):
         self.eval_inner_steps = eval_inner_steps
         self.eval_inner_batch_size = eval_inner_batch_size
         self.transductive = transductive
-        self.parallel_tasks = parallel_tasks
-        self.carry_inner_optimizer_state = carry_inner_optimizer_state
+        self._parallel_tasks = parallel_tasks
+        self._carry_inner_optimizer_state = carry_inner_optimizer_state
         self._adapt_functions = {}
         self._step_meta_batch = {}
         self._inner_state = None
+        self._create_inner_state()
         if model.built:
-            self._create_inner_state()
             self.built = True
 
     # ------------------------------------------------------------------
     # Keras model API
 
+    # Fixed at construction: they shape the traced steps and the variables.
+    @property
+    def parallel_tasks(self):
+        return self._parallel_tasks
+
+    @property
+    def carry_inner_optimizer_state(self):
+        return self._carry_inner_optimizer_state
+
     def build(self, input_shape):
         if not self.model.built:
             self.model.build(input_shape)
-        self._create_inner_state()
         self.built = True
 
     def _create_inner_state(self):
@@ -216,7 +237,7 @@ class ReptileModel(keras.Model):
                     dtype=variable.dtype,
                     initializer="zeros",
                     trainable=False,
-                    name=f"inner_{key}_{variable.name}",
+                    name=f"inner_{key}_" + variable.path.replace("/", "_"),
                 )
                 slot.assign(value)
                 slots[key].append(slot)
@@ -225,6 +246,32 @@ class ReptileModel(keras.Model):
             name="inner_iterations",
         )
         self._inner_state = (slots, iterations)
+        self._inner_state_for = self._inner_state_key()
+
+    def _inner_state_key(self):
+        # Variables and slot layout; a new learning rate keeps the state valid.
+        return (
+            tuple(v.path for v in self.model.trainable_variables),
+            type(self.inner_optimizer).__name__,
+            tuple(sorted(self._inner_rule().init([]))),
+        )
+
+    def _carried_inner_state(self):
+        """The carried state's tensors, after checking it still fits."""
+        if self._inner_state_for != self._inner_state_key():
+            raise ValueError(
+                "Expected the trainable variables and the inner optimizer to "
+                "be the ones the carried inner-optimizer state was made for "
+                "(`carry_inner_optimizer_state=True`): variables "
+                f"{list(self._inner_state_for[0])}, {self._inner_state_for[1]} "
+                f"with slots {list(self._inner_state_for[2])}. Received "
+                f"variables {list(self._inner_state_key()[0])}, "
+                f"{self._inner_state_key()[1]} with slots "
+                f"{list(self._inner_state_key()[2])}. Build a new "
+                "`ReptileModel` after freezing layers or changing the optimizer."
+            )
+        slots, iterations = self._inner_state
+        return {k: _values(v) for k, v in slots.items()}, iterations.value
 
     def call(self, inputs, training=False):
         return self.model(inputs, training=training)
@@ -478,9 +525,7 @@ class ReptileModel(keras.Model):
     ):
         optimizer_state, first_iteration = None, 0
         if self._inner_state is not None:
-            slots, iterations = self._inner_state
-            optimizer_state = {k: _values(v) for k, v in slots.items()}
-            first_iteration = iterations.value
+            optimizer_state, first_iteration = self._carried_inner_state()
         phi, state, optimizer_state = inner_loop.adapt(
             self.model,
             theta,
@@ -950,8 +995,8 @@ def _meta_batch_size(data, is_batch=False):
     spec = _episode_element(data if is_batch else getattr(data, "element_spec", None))
     if isinstance(spec, dict) and "support_x" in spec:
         shape = getattr(spec["support_x"], "shape", None)
-        if shape is not None and len(shape) > 0:
-            return shape[0]
+        if shape is not None and tf.TensorShape(shape).rank:
+            return tf.TensorShape(shape)[0]
     return None
 
 
