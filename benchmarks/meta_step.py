@@ -103,7 +103,7 @@ CONFIGS = {
         kind="train", ways=5, shots=10, query_shots=1, meta_batch=5,
         inner_batch=10, inner_steps=5, inner_lr=1e-3, decay_steps=100_000,
         repeats=5,
-        steps={"reptile": 15, "reptile_sequential": 15, "reptile_jit": 15, "eager": 2,
+        steps={"reptile": 10, "reptile_sequential": 10, "reptile_jit": 10, "eager": 2,
                "eager_tf_function": 4, "inner_steps": 10, "fused": 10},
     ),
     "20way1shot": dict(
@@ -116,7 +116,7 @@ CONFIGS = {
     "eval": dict(
         kind="eval", ways=5, shots=1, query_shots=1, meta_batch=5,
         inner_batch=5, inner_steps=50, inner_lr=1e-3, decay_steps=100_000,
-        repeats=5,
+        repeats=3,
         # evaluate steps of 5 tasks; the eager loops' and fused steps are
         # single tasks.
         steps={"reptile": 2, "reptile_sequential": 2, "reptile_jit": 1, "eager": 1,
@@ -637,7 +637,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--repeats", type=positive_int, default=None,
         help="timed repeats after warm-up, for every config and variant "
-        "(default: 3 for 20way1shot, 5 otherwise)",
+        "(default: 5 for 5way1shot, 3 otherwise)",
     )
     parser.add_argument(
         "--steps", type=positive_int, default=None,
