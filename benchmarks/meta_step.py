@@ -103,7 +103,7 @@ CONFIGS = {
         kind="train", ways=5, shots=10, query_shots=1, meta_batch=5,
         inner_batch=10, inner_steps=5, inner_lr=1e-3, decay_steps=100_000,
         repeats=5,
-        steps={"reptile": 10, "reptile_sequential": 10, "reptile_jit": 10, "eager": 2,
+        steps={"reptile": 10, "reptile_sequential": 10, "reptile_jit": 10, "eager": 1,
                "eager_tf_function": 4, "inner_steps": 10, "fused": 10},
     ),
     "20way1shot": dict(
