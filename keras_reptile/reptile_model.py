@@ -258,16 +258,15 @@ class ReptileModel(keras.Model):
 
     def _carried_inner_state(self):
         """The carried state's tensors, after checking it still fits."""
-        if self._inner_state_for != self._inner_state_key():
+        expected, received = self._inner_state_for, self._inner_state_key()
+        if expected != received:
             raise ValueError(
                 "Expected the trainable variables and the inner optimizer to "
                 "be the ones the carried inner-optimizer state was made for "
                 "(`carry_inner_optimizer_state=True`): variables "
-                f"{list(self._inner_state_for[0])}, {self._inner_state_for[1]} "
-                f"with slots {list(self._inner_state_for[2])}. Received "
-                f"variables {list(self._inner_state_key()[0])}, "
-                f"{self._inner_state_key()[1]} with slots "
-                f"{list(self._inner_state_key()[2])}. Build a new "
+                f"{list(expected[0])}, {expected[1]} with slots "
+                f"{list(expected[2])}. Received variables {list(received[0])}, "
+                f"{received[1]} with slots {list(received[2])}. Build a new "
                 "`ReptileModel` after freezing layers or changing the optimizer."
             )
         slots, iterations = self._inner_state
