@@ -115,9 +115,9 @@ def few_shot_accuracy(model, episodes, num_tasks=1000, *, transductive=None):
         )
     num_batches = -(-num_tasks // meta_batch)
     previous = model.transductive
-    if transductive is not None and transductive != previous:
+    if transductive is not None:
+        # The next step traces anew for a changed setting.
         model.transductive = transductive
-        model.predict_function = None  # the setting is fixed at trace time
     try:
         per_task = []
         for batch in episodes.take(num_batches):
@@ -125,7 +125,5 @@ def few_shot_accuracy(model, episodes, num_tasks=1000, *, transductive=None):
             labels = batch["query_y"].numpy()
             per_task.append((outputs.argmax(-1) == labels).mean(axis=1))
     finally:
-        if model.transductive != previous:
-            model.transductive = previous
-            model.predict_function = None
+        model.transductive = previous
     return confidence_interval(np.concatenate(per_task))

@@ -75,9 +75,8 @@ import uuid
 import keras
 import tensorflow as tf
 
+from keras_reptile._losses import loss_kind as _loss_kind
 from keras_reptile._validation import check_positive_int
-from keras_reptile.reptile_model import ReptileModel
-from keras_reptile.reptile_model import _loss_kind
 
 __all__ = [
     "ADAPT_SIGNATURE",
@@ -156,12 +155,18 @@ def export_saved_model(
         steps=tf.constant(10))["outputs"]
     ```
     """
-    if not isinstance(model, ReptileModel):
+    if not (
+        isinstance(model, keras.Model) and callable(getattr(model, "call_adapted", None))
+    ):
         raise TypeError(
             "Expected `model` to be a `keras_reptile.ReptileModel`. "
             f"Received: model={model!r} of type {type(model).__name__}"
         )
-    model._check_compiled()
+    if not model.compiled or model.loss is None:
+        raise ValueError(
+            "Call `compile()` with a `loss` before exporting: the "
+            "`adapt_and_predict` signature minimises the compiled loss."
+        )
     net = model.model
     if not net.built:
         raise ValueError(
@@ -227,21 +232,8 @@ def export_saved_model(
             support_y = tf.reshape(support_y, [-1] + y_spec.shape[1:].as_list())
         else:
             support_y = tf.ensure_shape(support_y, y_spec.shape)
-        theta = [tf.convert_to_tensor(v) for v in net.trainable_variables]
-        state = [tf.convert_to_tensor(v) for v in net.non_trainable_variables]
-        phi, state = model._adapt_weights(
-            theta,
-            state,
-            support_x,
-            support_y,
-            steps,
-            model.eval_inner_batch_size,
-        )
-        state = model._finish_adaptation(
-            phi, state, support_x, model.transductive
-        )
         return outputs_dict(
-            model._predict_query(phi, state, query_x, model.transductive)
+            model.call_adapted(support_x, support_y, query_x, steps)
         )
 
     archive = keras.export.ExportArchive()

@@ -23,6 +23,8 @@ second-order methods such as MAML need).
 import keras
 import tensorflow as tf
 
+from keras_reptile import _compat
+
 _OPT = keras.optimizers
 
 # Inner loops up to this many steps are unrolled into the graph; longer ones
@@ -78,13 +80,13 @@ class InnerOptimizer:
         self.variables = list(variables)
         self._decay_mask = [
             optimizer.weight_decay is not None
-            and optimizer._use_weight_decay(v)
+            and _compat.uses_weight_decay(optimizer, v)
             for v in self.variables
         ]
 
     def learning_rate(self, step):
         """The learning rate Keras would use at 0-based iteration `step`."""
-        lr = self.optimizer._learning_rate
+        lr = _compat.raw_learning_rate(self.optimizer)
         if isinstance(lr, _OPT.schedules.LearningRateSchedule):
             return lr(step)
         if isinstance(lr, keras.Variable):
@@ -280,12 +282,18 @@ def _clip(grads, opt):
     return grads
 
 
-def stateless_call(model, params, state, x, *, training, return_losses=False):
+def stateless_call(
+    model, params, state, x, *, training, return_losses=False, layer=None
+):
     """Calls `model` on `x` with its variables replaced by tensors.
 
     Like `Layer.stateless_call`, but through `model.__call__`, so that the
     training mode reaches every layer even when the model's own `call` takes
     no `training` argument.
+
+    `layer`, if given, is called instead of `model`: a part of it (e.g. a
+    model computing an intermediate output) whose variables are among
+    `model`'s.
 
     Returns:
         `(outputs, new_state)`, plus the model's losses (regularisers,
@@ -296,7 +304,7 @@ def stateless_call(model, params, state, x, *, training, return_losses=False):
     with keras.StatelessScope(
         state_mapping=mapping, collect_losses=return_losses
     ) as scope:
-        outputs = model(x, training=training)
+        outputs = (model if layer is None else layer)(x, training=training)
         losses = model.losses if return_losses else None
     new_state = [scope.get_current_value(v) for v in model.non_trainable_variables]
     if return_losses:

@@ -1,19 +1,34 @@
-"""`ReptileModel`: Reptile meta-learning as a Keras model."""
+"""`ReptileModel`: meta-learning (Reptile, FOMAML, MAML) as a Keras model."""
 
 import inspect
+from typing import Any
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
+from keras_reptile import _compat
+from keras_reptile import algorithms
+from keras_reptile import export as export_lib
+from keras_reptile import heads
 from keras_reptile import inner_loop
+from keras_reptile._losses import loss_kind
 from keras_reptile._validation import check_positive_int
 
 EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
 
 
+class _Settings(NamedTuple):
+    """How one kind of call adapts: training, or evaluation and adaptation."""
+
+    steps: Any
+    batch_size: int
+    transductive: bool
+
+
 @keras.saving.register_keras_serializable(package="keras_reptile")
-class ReptileModel(keras.Model):
-    """Meta-trains any Keras model with Reptile (Nichol et al., 2018).
+class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
+    """Meta-trains any Keras model with Reptile, FOMAML or MAML.
 
     `fit` takes an episodic dataset (see `keras_reptile.episodes`): each
     element is a meta-batch of tasks with a support and a query set. One
@@ -25,8 +40,17 @@ class ReptileModel(keras.Model):
     `compile()`. With `SGD(learning_rate=ε)` that is Reptile's update
     θ ← θ + ε (mean φ − θ); any Keras optimizer or learning-rate schedule
     can be used instead. The query set never updates anything during
-    training; the step reports the compiled loss and metrics of the adapted
-    weights on it, so `fit` shows few-shot progress.
+    training with Reptile; the step reports the compiled loss and metrics of
+    the adapted weights on it, so `fit` shows few-shot progress.
+
+    `algorithm` chooses how the outer gradient is made from the adapted
+    tasks (see `keras_reptile.algorithms`): `"reptile"` (the above, Nichol
+    et al., 2018), `"fomaml"` (the query loss's gradient at φ) or `"maml"`
+    (the query loss differentiated through the whole inner loop). With
+    `head="prototype"` every task's inner loop starts from θ with the final
+    Dense layer set from the support set's class-mean embeddings (see
+    `keras_reptile.heads`), so tasks may have any number of ways up to that
+    layer's size.
 
     `evaluate` (and `validation_data`) adapts from θ to each episode's
     support set with `eval_inner_steps` steps of `eval_inner_batch_size`
@@ -87,6 +111,7 @@ class ReptileModel(keras.Model):
             and TPUs, and `False` on those, where kernels run one at a time
             on the device anyway. Tasks cannot be vectorised into one batched
             computation: each task convolves with its own weights.
+            Fixed at construction.
         carry_inner_optimizer_state: If True, the inner optimizer's state
             (e.g. Adam's moment estimates and iteration count) is not reset
             for each task but carried over, as in the paper's code, where
@@ -98,7 +123,18 @@ class ReptileModel(keras.Model):
             Evaluation, `adapt()` and export start from the carried state
             and leave it unchanged. The state is saved with the model. Needs
             a built `model`; the state is tied to its trainable variables and
-            the inner optimizer's type and options.
+            the inner optimizer's type and options. Fixed at construction.
+
+    The step and evaluation settings (`inner_steps`, `inner_batch_size`,
+    `eval_inner_steps`, `eval_inner_batch_size`, `transductive`) may be
+    changed after construction; the next `fit`, `evaluate`, `predict`,
+    `adapt` or export uses the new values.
+        algorithm: `"reptile"` (default), `"fomaml"`, `"maml"` or a
+            `keras_reptile.algorithms.MetaAlgorithm` such as
+            `MAML(first_order=True)`.
+        head: None, or `"prototype"` (a `keras_reptile.heads.PrototypeHead`)
+            to set the final Dense layer from each task's support set before
+            adapting; needs a classification loss.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -134,6 +170,8 @@ class ReptileModel(keras.Model):
         transductive=False,
         parallel_tasks="auto",
         carry_inner_optimizer_state=False,
+        algorithm="reptile",
+        head=None,
         **kwargs,
     ):
         if not isinstance(model, keras.Model):
@@ -151,19 +189,6 @@ class ReptileModel(keras.Model):
             raise ValueError(
                 "Expected `model` to have a single output. Received a model "
                 f"with {len(outputs)} outputs."
-            )
-        inner_steps = check_positive_int("inner_steps", inner_steps)
-        inner_batch_size = check_positive_int("inner_batch_size", inner_batch_size)
-        eval_inner_steps = check_positive_int("eval_inner_steps", eval_inner_steps)
-        if eval_inner_batch_size is None:
-            eval_inner_batch_size = inner_batch_size
-        eval_inner_batch_size = check_positive_int(
-            "eval_inner_batch_size", eval_inner_batch_size
-        )
-        if not isinstance(transductive, bool):
-            raise TypeError(
-                "Expected `transductive` to be a bool. Received: "
-                f"transductive={transductive!r}"
             )
         if parallel_tasks != "auto" and not isinstance(parallel_tasks, bool):
             raise ValueError(
@@ -186,27 +211,38 @@ class ReptileModel(keras.Model):
                 f"built={model.built} and {len(model.trainable_variables)} "
                 "trainable variables. Build it first, e.g. call it on a batch."
             )
+        algorithm = algorithms.get(algorithm)
+        head = heads.get(head)
+        if head is not None and model.built:
+            head.check_model(model)
         inner_optimizer = inner_loop.get_optimizer(inner_optimizer)
 
         super().__init__(**kwargs)
         self.model = model
         self.inner_optimizer = inner_optimizer
+        # Validated by the property setters below.
         self.inner_steps = inner_steps
         self.inner_batch_size = inner_batch_size
         self.eval_inner_steps = eval_inner_steps
-        self.eval_inner_batch_size = eval_inner_batch_size
+        self.eval_inner_batch_size = (
+            self.inner_batch_size
+            if eval_inner_batch_size is None
+            else eval_inner_batch_size
+        )
         self.transductive = transductive
         self._parallel_tasks = parallel_tasks
         self._carry_inner_optimizer_state = carry_inner_optimizer_state
+        self._algorithm = algorithm
+        self._head = head
         self._adapt_functions = {}
-        self._step_meta_batch = {}
+        self._step_keys = {}
         self._inner_state = None
         self._create_inner_state()
         if model.built:
             self.built = True
 
     # ------------------------------------------------------------------
-    # Keras model API
+    # Settings
 
     # Fixed at construction: they shape the traced steps and the variables.
     @property
@@ -217,10 +253,456 @@ class ReptileModel(keras.Model):
     def carry_inner_optimizer_state(self):
         return self._carry_inner_optimizer_state
 
+    @property
+    def algorithm(self):
+        return self._algorithm
+
+    @property
+    def head(self):
+        return self._head
+
+    # Read by the traced steps: a change makes the next call trace anew
+    # (`_trace_settings` is part of every trace's key).
+    @property
+    def inner_steps(self):
+        return self._inner_steps
+
+    @inner_steps.setter
+    def inner_steps(self, value):
+        self._inner_steps = check_positive_int("inner_steps", value)
+
+    @property
+    def inner_batch_size(self):
+        return self._inner_batch_size
+
+    @inner_batch_size.setter
+    def inner_batch_size(self, value):
+        self._inner_batch_size = check_positive_int("inner_batch_size", value)
+
+    @property
+    def eval_inner_steps(self):
+        return self._eval_inner_steps
+
+    @eval_inner_steps.setter
+    def eval_inner_steps(self, value):
+        self._eval_inner_steps = check_positive_int("eval_inner_steps", value)
+
+    @property
+    def eval_inner_batch_size(self):
+        return self._eval_inner_batch_size
+
+    @eval_inner_batch_size.setter
+    def eval_inner_batch_size(self, value):
+        self._eval_inner_batch_size = check_positive_int(
+            "eval_inner_batch_size", value
+        )
+
+    @property
+    def transductive(self):
+        return self._transductive
+
+    @transductive.setter
+    def transductive(self, value):
+        if not isinstance(value, bool):
+            raise TypeError(
+                "Expected `transductive` to be a bool. Received: "
+                f"transductive={value!r}"
+            )
+        self._transductive = value
+
+    def _trace_settings(self):
+        # Everything a trace bakes in besides input shapes: a re-compile (new
+        # loss) or a changed setting must not reuse an old trace.
+        return (
+            _compat.compiled_loss(self),
+            self.inner_optimizer,
+            self.inner_steps,
+            self.inner_batch_size,
+            self.eval_inner_steps,
+            self.eval_inner_batch_size,
+            self.transductive,
+            self.algorithm,
+            self.head,
+            tuple(v.path for v in self.model.trainable_variables),
+        )
+
+    def _train_settings(self):
+        # Training reports query metrics in training mode: one cheap pass.
+        return _Settings(self.inner_steps, self.inner_batch_size, True)
+
+    def _eval_settings(self, steps=None):
+        steps = self.eval_inner_steps if steps is None else steps
+        return _Settings(steps, self.eval_inner_batch_size, self.transductive)
+
+    # ------------------------------------------------------------------
+    # Keras model API
+
     def build(self, input_shape):
         if not self.model.built:
             self.model.build(input_shape)
+        if self.head is not None:
+            self.head.check_model(self.model)
         self.built = True
+
+    def call(self, inputs, training=False):
+        return self.model(inputs, training=training)
+
+    def get_config(self):
+        config = {"name": self.name, "trainable": self.trainable}
+        config.update(
+            model=keras.layers.serialize(self.model),
+            inner_optimizer=keras.optimizers.serialize(self.inner_optimizer),
+            inner_steps=self.inner_steps,
+            inner_batch_size=self.inner_batch_size,
+            eval_inner_steps=self.eval_inner_steps,
+            eval_inner_batch_size=self.eval_inner_batch_size,
+            transductive=self.transductive,
+            parallel_tasks=self.parallel_tasks,
+            carry_inner_optimizer_state=self.carry_inner_optimizer_state,
+            algorithm=keras.saving.serialize_keras_object(self.algorithm),
+            head=(
+                None
+                if self.head is None
+                else keras.saving.serialize_keras_object(self.head)
+            ),
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["model"] = keras.layers.deserialize(
+            config["model"], custom_objects=custom_objects
+        )
+        config["inner_optimizer"] = keras.optimizers.deserialize(
+            config["inner_optimizer"], custom_objects=custom_objects
+        )
+        return cls(**config)
+
+    # Keras traces its step functions with `reduce_retracing=True`: a second
+    # meta-batch size would be traced as `None`, and the tasks of a meta-batch
+    # are unrolled, so each entry point retraces for a new meta-batch size,
+    # and for changed settings.
+    def fit(self, *args, **kwargs):
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+        validation = _episode_element(bound.arguments.get("validation_data"))
+        self._check_replica_split(_meta_batch_size(validation))
+        self._prepare_step("train", bound.arguments.get("x"))
+        return super().fit(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        bound = inspect.signature(keras.Model.evaluate).bind(self, *args, **kwargs)
+        self._prepare_step("test", bound.arguments.get("x"))
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        bound = inspect.signature(keras.Model.predict).bind(self, *args, **kwargs)
+        self._prepare_step("predict", bound.arguments.get("x"))
+        return super().predict(*args, **kwargs)
+
+    def train_on_batch(self, x, *args, **kwargs):
+        self._prepare_step("train", x, is_batch=True)
+        return super().train_on_batch(x, *args, **kwargs)
+
+    def test_on_batch(self, x, *args, **kwargs):
+        self._prepare_step("test", x, is_batch=True)
+        return super().test_on_batch(x, *args, **kwargs)
+
+    def predict_on_batch(self, x):
+        self._prepare_step("predict", x, is_batch=True)
+        return super().predict_on_batch(x)
+
+    def _prepare_step(self, kind, data, is_batch=False):
+        """Checks the replica split; drops a step traced for other inputs or settings."""
+        tasks = _meta_batch_size(data, is_batch)
+        self._check_replica_split(tasks)
+        previous = self._step_keys.get(kind)
+        if tasks is None and previous is not None:
+            tasks = previous[0]
+        key = (tasks, self._trace_settings())
+        if previous is not None and previous != key:
+            getattr(self, f"make_{kind}_function")(force=True)
+        self._step_keys[kind] = key
+
+    def _check_replica_split(self, tasks):
+        """Raises before any work if `tasks` cannot be split evenly."""
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if tasks is not None and tasks % replicas:
+            # tf.data splits a batch into near-equal parts, larger ones first.
+            sizes = [tasks // replicas + (i < tasks % replicas) for i in range(replicas)]
+            _raise_uneven_split(sizes)
+
+    def _build_from_data(self, data_batch):
+        # Called before the first trace (see `_compat.BuildBeforeTrace`):
+        # builds the compiled loss, metrics and optimizer from the flat query
+        # batch an episode batch stands for, so meta-steps compile once.
+        data_batch = _episode_element(data_batch)
+        strategy = self.distribute_strategy
+        if isinstance(data_batch, dict) and "support_x" in data_batch:
+            sizes = [
+                int(v.shape[0])
+                for v in strategy.experimental_local_results(data_batch["support_x"])
+            ]
+            if len(set(sizes)) > 1:
+                _raise_uneven_split(sizes)
+        data_batch = tf.nest.map_structure(
+            lambda v: tf.convert_to_tensor(strategy.experimental_local_results(v)[0]),
+            data_batch,
+        )
+        episodes = self._unpack_episodes(data_batch)
+        flat = tuple(
+            keras.KerasTensor((None,) + tuple(v.shape[2:]), v.dtype.name)
+            for v in (episodes["query_x"], episodes["query_y"])
+        )
+        with strategy.scope():
+            _compat.symbolic_build(self, flat)
+
+    # ------------------------------------------------------------------
+    # Meta-training and evaluation steps
+
+    def train_step(self, data):
+        episodes = self._unpack_episodes(data)
+        theta, state = self._meta_weights()
+        results = self._run_tasks(
+            episodes, theta, state, self._train_settings(), self.algorithm
+        )
+        gradient = self.algorithm.outer_gradient(theta, results)
+        self.optimizer.apply(self._replica_share(gradient), self.model.trainable_variables)
+        self._update_meta_state(results)
+        return self._report(episodes, results)
+
+    def test_step(self, data):
+        episodes = self._unpack_episodes(data)
+        theta, state = self._meta_weights()
+        results = self._run_tasks(episodes, theta, state, self._eval_settings())
+        return self._report(episodes, results)
+
+    def predict_step(self, data):
+        """Outputs at the meta-weights, or query outputs after adaptation.
+
+        `predict` on plain inputs returns the wrapped model's outputs at the
+        meta-weights. On episodes (dicts with `support_x`, `support_y` and
+        `query_x`; `query_y` is ignored) it adapts to each task as
+        `evaluate` does and returns the query outputs, shaped
+        `[meta_batch, Q, ...]` per batch.
+        """
+        data = _episode_element(data)
+        if not (isinstance(data, dict) and "support_x" in data):
+            return super().predict_step(data)
+        data = dict(data)
+        # Only the shape matters for the checks; no loss is computed.
+        data["query_y"] = data["support_y"][:, :1]
+        episodes = self._unpack_episodes(data, check_query_y=False)
+        episodes["query_y"] = None
+        theta, state = self._meta_weights()
+        results = self._run_tasks(episodes, theta, state, self._eval_settings())
+        return tf.stack([r.query_outputs for r in results])
+
+    # ------------------------------------------------------------------
+    # The meta-step's parts
+
+    def _meta_weights(self):
+        return (
+            _values(self.model.trainable_variables),
+            _values(self.model.non_trainable_variables),
+        )
+
+    def _run_tasks(self, episodes, theta, state, settings, algorithm=None):
+        """Adapts θ to every task of a meta-batch; a `TaskResult` per task.
+
+        The meta-step runs each task through its algorithm's `adapt_task`
+        hook; evaluation (`algorithm=None`) adapts and predicts.
+        """
+        self._check_compiled()
+        if algorithm is None:
+            algorithm = _ADAPT_AND_PREDICT
+        query_y = episodes["query_y"]
+        results = []
+        # Integer state (seed generators) is threaded from task to task so
+        # that tasks draw different random numbers.
+        running = list(state)
+        sequential = not self._tasks_run_in_parallel()
+        for b in range(episodes["support_x"].shape[0]):
+            task = [episodes["support_x"][b], episodes["support_y"][b], episodes["query_x"][b]]
+            if sequential and results:
+                # Nothing of task b can start before task b-1 has finished.
+                done = [t for t in tf.nest.flatten(results[-1]) if t is not None]
+                with tf.control_dependencies(done):
+                    task = [tf.identity(t) for t in task]
+            support_x, support_y, query_x = task
+            start = [s if _is_float(s) else r for s, r in zip(state, running)]
+            result = algorithm.adapt_task(
+                lambda th: self._adapt(th, start, support_x, support_y, settings),
+                lambda w, s: self._query(
+                    w, s, query_x, None if query_y is None else query_y[b], settings
+                ),
+                theta,
+            )
+            results.append(result)
+            running = result.adaptation.state
+        return results
+
+    def _adapt(self, theta, state, support_x, support_y, settings):
+        """The one adaptation: head from the support set, inner loop, statistics.
+
+        Used by the meta-step, `evaluate`, `predict`, `adapt()`,
+        `adapt_and_predict()` and the exported signatures.
+        """
+        initial = theta
+        if self.head is not None:
+            initial = self.head.initial_weights(
+                self.model, theta, state, support_x, self._head_labels(support_y)
+            )
+        optimizer_state, first_iteration = None, 0
+        if self._inner_state is not None:
+            optimizer_state, first_iteration = self._carried_inner_state()
+        weights, state, optimizer_state = inner_loop.adapt(
+            self.model,
+            initial,
+            state,
+            support_x,
+            support_y,
+            loss_fn=self._task_loss,
+            optimizer=self._inner_rule(),
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            optimizer_state=optimizer_state,
+            first_iteration=first_iteration,
+            return_optimizer_state=True,
+        )
+        if not settings.transductive:
+            state = self._support_statistics(weights, state, support_x)
+        if self._inner_state is None:
+            optimizer_state = None
+        return algorithms.Adaptation(initial, weights, state, optimizer_state)
+
+    def _query(self, weights, state, query_x, query_y, settings):
+        """`(loss, outputs)` of adapted weights on a query set.
+
+        Transductive: training mode, BatchNormalization with the query
+        batch's statistics. Otherwise inference mode with the support
+        statistics `_adapt` set, so query examples are predicted
+        independently of each other. The loss is None without targets.
+        """
+        outputs, _ = inner_loop.stateless_call(
+            self.model, weights, state, query_x, training=settings.transductive
+        )
+        loss = None if query_y is None else self._task_loss(query_y, outputs)
+        return loss, outputs
+
+    def _replica_share(self, gradient):
+        # Under tf.distribute each replica adapts an equal share of the tasks
+        # and the optimizer sums gradients across replicas, so each replica
+        # contributes 1/replicas of its local mean. `scale_loss` is the
+        # identity for a plain optimizer; a `LossScaleOptimizer` (mixed
+        # precision) or `loss_scale_factor` divides gradients by the scale,
+        # which these gradients never had.
+        share = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
+        return [self.optimizer.scale_loss(g * share) for g in gradient]
+
+    def _update_meta_state(self, results):
+        """Non-trainable variables and carried inner state after a meta-step."""
+        local_tasks = len(results)
+        share = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
+        states = [r.adaptation.state for r in results]
+        new_state = []
+        for values in zip(*states):
+            if _is_float(values[0]):
+                new_state.append(tf.add_n(list(values)) / local_tasks * share)
+            else:
+                # Seed state advanced by the same number of tasks on every
+                # replica, so it is the same everywhere.
+                new_state.append(values[-1])
+        _assign_across_replicas(self.model.non_trainable_variables, new_state)
+        if self._inner_state is not None:
+            # Every task started from the carried state; carry on from the
+            # mean of where they ended, `inner_steps` iterations later.
+            slots, iterations = self._inner_state
+            variables, values = [iterations], [iterations + self.inner_steps]
+            for key, slot_list in slots.items():
+                for i, slot in enumerate(slot_list):
+                    ends = [r.adaptation.optimizer_state[key][i] for r in results]
+                    variables.append(slot)
+                    values.append(tf.add_n(ends) / local_tasks * share)
+            _assign_across_replicas(variables, values)
+
+    def _report(self, episodes, results):
+        query_y = episodes["query_y"]
+        y_true = tf.reshape(query_y, [-1] + list(query_y.shape[2:]))
+        y_pred = tf.concat([r.query_outputs for r in results], axis=0)
+        loss = self._task_loss(y_true, y_pred)
+        _compat.loss_tracker(self).update_state(
+            loss, sample_weight=tf.shape(y_true)[0]
+        )
+        logs = self.compute_metrics(None, y_true, y_pred)
+        if _compat.in_multi_worker_mode(tf.distribute.get_strategy()):
+            # Keras reduces step outputs across workers with
+            # `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
+            # (tensorflow/tensorflow#72388); over a length-1 axis it is the
+            # mean over replicas, as on one worker.
+            logs = {
+                k: tf.reshape(v, [1]) if v.shape.rank == 0 else v
+                for k, v in logs.items()
+            }
+        return logs
+
+    def _tasks_run_in_parallel(self):
+        if self.parallel_tasks != "auto":
+            return self.parallel_tasks
+        accelerators = tf.config.list_logical_devices(
+            "GPU"
+        ) + tf.config.list_logical_devices("TPU")
+        return not accelerators
+
+    def _task_loss(self, y_true, y_pred):
+        # Keras losses divide by the number of replicas under tf.distribute,
+        # for gradients that are summed across replicas; a task's loss and
+        # its inner loop are local to one replica, so undo that.
+        loss = _compat.compiled_loss(self)(y_true, y_pred)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return loss * replicas if replicas > 1 else loss
+
+    def _head_labels(self, support_y):
+        """Support targets as the one-hot labels a head is computed from."""
+        if loss_kind(self.loss)[0] == "categorical":
+            return support_y
+        labels = tf.cast(tf.reshape(support_y, [-1]), tf.int32)
+        return tf.one_hot(labels, self.head.units(self.model))
+
+    def _support_statistics(self, weights, state, support_x):
+        """Sets BatchNormalization statistics to the support set's.
+
+        One forward pass in training mode over the whole support set with the
+        layers' momentum at 0, so each layer's moving mean and variance
+        become exactly the batch mean and variance it normalised with.
+        """
+        layers = self._batch_norm_layers()
+        if not layers:
+            return state
+        momenta = [layer.momentum for layer in layers]
+        try:
+            for layer in layers:
+                layer.momentum = 0.0
+            _, state = inner_loop.stateless_call(
+                self.model, weights, state, support_x, training=True
+            )
+        finally:
+            for layer, momentum in zip(layers, momenta):
+                layer.momentum = momentum
+        return list(state)
+
+    def _batch_norm_layers(self):
+        return [
+            layer
+            for layer in _compat.flatten_layers(self.model)
+            if isinstance(layer, keras.layers.BatchNormalization)
+            and layer.trainable
+        ]
+
+    def _inner_rule(self):
+        return inner_loop.InnerOptimizer(
+            self.inner_optimizer, self.model.trainable_variables
+        )
 
     def _create_inner_state(self):
         """Variables for the carried inner-optimizer state, if it is carried."""
@@ -272,370 +754,46 @@ class ReptileModel(keras.Model):
         slots, iterations = self._inner_state
         return {k: _values(v) for k, v in slots.items()}, iterations.value
 
-    def call(self, inputs, training=False):
-        return self.model(inputs, training=training)
-
-    def get_config(self):
-        config = {"name": self.name, "trainable": self.trainable}
-        config.update(
-            model=keras.layers.serialize(self.model),
-            inner_optimizer=keras.optimizers.serialize(self.inner_optimizer),
-            inner_steps=self.inner_steps,
-            inner_batch_size=self.inner_batch_size,
-            eval_inner_steps=self.eval_inner_steps,
-            eval_inner_batch_size=self.eval_inner_batch_size,
-            transductive=self.transductive,
-            parallel_tasks=self.parallel_tasks,
-            carry_inner_optimizer_state=self.carry_inner_optimizer_state,
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["model"] = keras.layers.deserialize(
-            config["model"], custom_objects=custom_objects
-        )
-        config["inner_optimizer"] = keras.optimizers.deserialize(
-            config["inner_optimizer"], custom_objects=custom_objects
-        )
-        return cls(**config)
-
-    # Keras traces its step functions with `reduce_retracing=True`: a second
-    # meta-batch size would be traced as `None`, and the tasks of a meta-batch
-    # are unrolled, so each entry point retraces for a new meta-batch size.
-    def fit(self, *args, **kwargs):
-        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
-        validation = _episode_element(bound.arguments.get("validation_data"))
-        self._check_replica_split(_meta_batch_size(validation))
-        self._prepare_step("train_function", bound.arguments.get("x"))
-        return super().fit(*args, **kwargs)
-
-    def evaluate(self, *args, **kwargs):
-        bound = inspect.signature(keras.Model.evaluate).bind(self, *args, **kwargs)
-        self._prepare_step("test_function", bound.arguments.get("x"))
-        return super().evaluate(*args, **kwargs)
-
-    def predict(self, *args, **kwargs):
-        bound = inspect.signature(keras.Model.predict).bind(self, *args, **kwargs)
-        self._prepare_step("predict_function", bound.arguments.get("x"))
-        return super().predict(*args, **kwargs)
-
-    def train_on_batch(self, x, *args, **kwargs):
-        self._prepare_step("train_function", x, is_batch=True)
-        return super().train_on_batch(x, *args, **kwargs)
-
-    def test_on_batch(self, x, *args, **kwargs):
-        self._prepare_step("test_function", x, is_batch=True)
-        return super().test_on_batch(x, *args, **kwargs)
-
-    def predict_on_batch(self, x):
-        self._prepare_step("predict_function", x, is_batch=True)
-        return super().predict_on_batch(x)
-
-    def _prepare_step(self, function_name, data, is_batch=False):
-        """Checks the replica split and drops a step traced for another meta-batch."""
-        tasks = _meta_batch_size(data, is_batch)
-        if tasks is None:
-            return
-        self._check_replica_split(tasks)
-        if self._step_meta_batch.get(function_name, tasks) != tasks:
-            setattr(self, function_name, None)
-        self._step_meta_batch[function_name] = tasks
-
-    def _check_replica_split(self, tasks):
-        """Raises before any work if `tasks` cannot be split evenly."""
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        if tasks is not None and tasks % replicas:
-            # tf.data splits a batch into near-equal parts, larger ones first.
-            sizes = [tasks // replicas + (i < tasks % replicas) for i in range(replicas)]
-            _raise_uneven_split(sizes)
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras's TensorFlow trainer defers building the compiled metrics and
-        # the optimizer to the first trace of the step function unless a
-        # distribution strategy is set, and a `tf.function` that creates
-        # variables while tracing is traced a second time. Build them up
-        # front instead, from the flat query batch an episode batch stands
-        # for, so meta-steps compile once.
-        if iterator is not None:
-            for _, _, batches in iterator:
-                data_batch = next(batches)
-                break
-        if data_batch is None:
-            return
-        data_batch = _episode_element(data_batch)
-        strategy = self.distribute_strategy
-        if isinstance(data_batch, dict) and "support_x" in data_batch:
-            sizes = [
-                int(v.shape[0])
-                for v in strategy.experimental_local_results(data_batch["support_x"])
-            ]
-            if len(set(sizes)) > 1:
-                _raise_uneven_split(sizes)
-        data_batch = tf.nest.map_structure(
-            lambda v: tf.convert_to_tensor(strategy.experimental_local_results(v)[0]),
-            data_batch,
-        )
-        episodes = self._unpack_episodes(data_batch)
-        query_x, query_y = episodes["query_x"], episodes["query_y"]
-        flat = tuple(
-            keras.KerasTensor((None,) + tuple(v.shape[2:]), v.dtype.name)
-            for v in (query_x, query_y)
-        )
-        with strategy.scope():
-            self._symbolic_build(data_batch=flat)
-
-    # ------------------------------------------------------------------
-    # Meta-training and evaluation steps
-
-    def train_step(self, data):
-        episodes = self._unpack_episodes(data)
-        theta = _values(self.model.trainable_variables)
-        state = _values(self.model.non_trainable_variables)
-        phis, states, preds, optimizer_states = self._adapt_tasks(
-            theta,
-            state,
-            episodes,
-            steps=self.inner_steps,
-            batch_size=self.inner_batch_size,
-            transductive=True,
-        )
-        # Under tf.distribute each replica adapts an equal share of the tasks
-        # and the optimizer sums gradients across replicas, so each replica
-        # contributes 1/replicas of its local mean.
-        local_tasks = len(phis)
-        share = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
-        pseudo_grads = [
-            (t - tf.add_n(list(p)) / local_tasks) * share
-            for t, p in zip(theta, zip(*phis))
-        ]
-        # `scale_loss` is the identity for a plain optimizer; a
-        # `LossScaleOptimizer` (mixed precision) or `loss_scale_factor`
-        # divides gradients by the scale, which pseudo-gradients never had.
-        pseudo_grads = [self.optimizer.scale_loss(g) for g in pseudo_grads]
-        self.optimizer.apply(pseudo_grads, self.model.trainable_variables)
-        new_state = []
-        for values in zip(*states):
-            if _is_float(values[0]):
-                new_state.append(tf.add_n(list(values)) / local_tasks * share)
-            else:
-                # Seed state advanced by the same number of tasks on every
-                # replica, so it is the same everywhere.
-                new_state.append(values[-1])
-        _assign_across_replicas(self.model.non_trainable_variables, new_state)
-        if self._inner_state is not None:
-            # Every task started from the carried state; carry on from the
-            # mean of where they ended, `inner_steps` iterations later.
-            slots, iterations = self._inner_state
-            variables, values = [iterations], [iterations + self.inner_steps]
-            for key, slot_list in slots.items():
-                for i, slot in enumerate(slot_list):
-                    ends = [task_state[key][i] for task_state in optimizer_states]
-                    variables.append(slot)
-                    values.append(tf.add_n(ends) / local_tasks * share)
-            _assign_across_replicas(variables, values)
-        return self._report(episodes, preds)
-
-    def test_step(self, data):
-        episodes = self._unpack_episodes(data)
-        return self._report(episodes, self._evaluate_tasks(episodes))
-
-    def predict_step(self, data):
-        """Outputs at the meta-weights, or query outputs after adaptation.
-
-        `predict` on plain inputs returns the wrapped model's outputs at the
-        meta-weights. On episodes (dicts with `support_x`, `support_y` and
-        `query_x`; `query_y` is ignored) it adapts to each task as
-        `evaluate` does and returns the query outputs, shaped
-        `[meta_batch, Q, ...]` per batch.
-        """
-        data = _episode_element(data)
-        if not (isinstance(data, dict) and "support_x" in data):
-            return super().predict_step(data)
-        data = dict(data)
-        if "query_y" not in data:
-            # Only the shape matters for the checks below.
-            data["query_y"] = data["support_y"][:, :1]
-        episodes = self._unpack_episodes(data, check_query_y=False)
-        return tf.stack(self._evaluate_tasks(episodes))
-
-    def _evaluate_tasks(self, episodes):
-        """Query outputs of every task after evaluation-time adaptation."""
-        _, _, preds, _ = self._adapt_tasks(
-            _values(self.model.trainable_variables),
-            _values(self.model.non_trainable_variables),
-            episodes,
-            steps=self.eval_inner_steps,
-            batch_size=self.eval_inner_batch_size,
-            transductive=self.transductive,
-        )
-        return preds
-
-    def _adapt_tasks(self, theta, state, episodes, *, steps, batch_size, transductive):
-        """Adapts θ to every task of a meta-batch.
-
-        Returns φs, states, query outputs and final inner-optimizer states
-        (`None`s unless the state is carried).
-        """
-        self._check_compiled()
-        support_x, support_y, query_x, _ = (episodes[k] for k in EPISODE_KEYS)
-        phis, states, preds, optimizer_states = [], [], [], []
-        # Integer state (seed generators) is threaded from task to task so
-        # that tasks draw different random numbers.
-        running = list(state)
-        sequential = not self._tasks_run_in_parallel()
-        for b in range(support_x.shape[0]):
-            task = (support_x[b], support_y[b], query_x[b])
-            if sequential and b > 0:
-                # Nothing of task b can start before task b-1 has finished.
-                previous = (phis[-1], states[-1], preds[-1])
-                with tf.control_dependencies(tf.nest.flatten(previous)):
-                    task = [tf.identity(t) for t in task]
-            task_support_x, task_support_y, task_query_x = task
-            start = [
-                s if _is_float(s) else r for s, r in zip(state, running)
-            ]
-            phi, new_state, optimizer_state = self._adapt_weights(
-                theta, start, task_support_x, task_support_y, steps, batch_size,
-                return_optimizer_state=True,
-            )
-            preds.append(
-                self._predict_adapted(
-                    phi, new_state, task_support_x, task_query_x, transductive
-                )
-            )
-            phis.append(phi)
-            states.append(new_state)
-            optimizer_states.append(optimizer_state)
-            running = new_state
-        return phis, states, preds, optimizer_states
-
-    def _tasks_run_in_parallel(self):
-        if self.parallel_tasks != "auto":
-            return self.parallel_tasks
-        accelerators = tf.config.list_logical_devices(
-            "GPU"
-        ) + tf.config.list_logical_devices("TPU")
-        return not accelerators
-
-    def _adapt_weights(
-        self, theta, state, x, y, steps, batch_size, return_optimizer_state=False
-    ):
-        optimizer_state, first_iteration = None, 0
-        if self._inner_state is not None:
-            optimizer_state, first_iteration = self._carried_inner_state()
-        phi, state, optimizer_state = inner_loop.adapt(
-            self.model,
-            theta,
-            state,
-            x,
-            y,
-            loss_fn=self._task_loss,
-            optimizer=self._inner_rule(),
-            steps=steps,
-            batch_size=batch_size,
-            optimizer_state=optimizer_state,
-            first_iteration=first_iteration,
-            return_optimizer_state=True,
-        )
-        if self._inner_state is None:
-            optimizer_state = None
-        if return_optimizer_state:
-            return phi, state, optimizer_state
-        return phi, state
-
-    def _task_loss(self, y_true, y_pred):
-        # Keras losses divide by the number of replicas under tf.distribute,
-        # for gradients that are summed across replicas; a task's loss and
-        # its inner loop are local to one replica, so undo that.
-        loss = self._compile_loss(y_true, y_pred)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        return loss * replicas if replicas > 1 else loss
-
-    def _predict_adapted(self, phi, state, support_x, query_x, transductive):
-        state = self._finish_adaptation(phi, state, support_x, transductive)
-        return self._predict_query(phi, state, query_x, transductive)
-
-    def _finish_adaptation(self, phi, state, support_x, transductive):
-        if transductive:
-            return state
-        return self._support_statistics(phi, state, support_x)
-
-    def _predict_query(self, phi, state, query_x, transductive):
-        # Non-transductive: inference mode with the support statistics, so
-        # query examples are predicted independently of each other.
-        outputs, _ = inner_loop.stateless_call(
-            self.model, phi, state, query_x, training=transductive
-        )
-        return outputs
-
-    def _support_statistics(self, phi, state, support_x):
-        """Sets BatchNormalization statistics to the support set's.
-
-        One forward pass in training mode over the whole support set with the
-        layers' momentum at 0, so each layer's moving mean and variance
-        become exactly the batch mean and variance it normalised with.
-        """
-        layers = self._batch_norm_layers()
-        if not layers:
-            return state
-        momenta = [layer.momentum for layer in layers]
-        try:
-            for layer in layers:
-                layer.momentum = 0.0
-            _, state = inner_loop.stateless_call(
-                self.model, phi, state, support_x, training=True
-            )
-        finally:
-            for layer, momentum in zip(layers, momenta):
-                layer.momentum = momentum
-        return list(state)
-
-    def _batch_norm_layers(self):
-        return [
-            layer
-            for layer in self.model._flatten_layers(include_self=True)
-            if isinstance(layer, keras.layers.BatchNormalization)
-            and layer.trainable
-        ]
-
-    def _report(self, episodes, preds):
-        query_y = episodes["query_y"]
-        y_true = tf.reshape(query_y, [-1] + list(query_y.shape[2:]))
-        y_pred = tf.concat(preds, axis=0)
-        loss = self._task_loss(y_true, y_pred)
-        self._loss_tracker.update_state(loss, sample_weight=tf.shape(y_true)[0])
-        logs = self.compute_metrics(None, y_true, y_pred)
-        if _multi_worker(tf.distribute.get_strategy()):
-            # Keras reduces step outputs across workers with
-            # `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
-            # (tensorflow/tensorflow#72388); over a length-1 axis it is the
-            # mean over replicas, as on one worker.
-            logs = {
-                k: tf.reshape(v, [1]) if v.shape.rank == 0 else v
-                for k, v in logs.items()
-            }
-        return logs
-
-    def _inner_rule(self):
-        return inner_loop.InnerOptimizer(
-            self.inner_optimizer, self.model.trainable_variables
-        )
-
     # ------------------------------------------------------------------
     # Adaptation outside `fit`/`evaluate`
+
+    def call_adapted(self, support_x, support_y, query_x, steps=None):
+        """Adapts to a support set and returns the query outputs, as tensors.
+
+        The computation behind `adapt_and_predict()` and the exported
+        `adapt_and_predict` signature, for use inside a `tf.function` or an
+        exported graph: no input checks, nothing converted to NumPy, nothing
+        written to any variable.
+
+        Args:
+            support_x: Support inputs, `[S, *input_shape]`.
+            support_y: Support targets, `[S, ...]`.
+            query_x: Query inputs, `[Q, *input_shape]`.
+            steps: Adaptation steps (a Python int or a scalar int32 tensor);
+                defaults to `eval_inner_steps`.
+
+        Returns:
+            The query outputs, a tensor.
+        """
+        theta, state = self._meta_weights()
+        settings = self._eval_settings(steps)
+        adaptation = self._adapt(theta, state, support_x, support_y, settings)
+        _, outputs = self._query(
+            adaptation.weights, adaptation.state, query_x, None, settings
+        )
+        return outputs
 
     def adapt(self, support_x, support_y, *, steps=None):
         """Returns a copy of the wrapped model adapted to one task.
 
-        Runs the same inner loop as `evaluate` (`eval_inner_steps` steps of
-        `eval_inner_batch_size` rows of the inner optimizer) from the current
-        meta-weights, which are left untouched. BatchNormalization layers of
-        the copy hold the support set's statistics under the adapted weights
-        (see the class docstring), so the copy predicts one example at a time
-        exactly as non-transductive evaluation does; call it with
-        `training=True` on a query batch for transductive predictions.
+        Runs the same adaptation as `evaluate` (the head, if any, then
+        `eval_inner_steps` steps of `eval_inner_batch_size` rows of the inner
+        optimizer) from the current meta-weights, which are left untouched.
+        BatchNormalization layers of the copy hold the support set's
+        statistics under the adapted weights (see the class docstring), so
+        the copy predicts one example at a time exactly as non-transductive
+        evaluation does; call it with `training=True` on a query batch for
+        transductive predictions.
 
         Args:
             support_x: Support inputs, `[S, *input_shape]`.
@@ -649,7 +807,7 @@ class ReptileModel(keras.Model):
         """
         support_x, support_y = self._check_support(support_x, support_y)
         steps = self._check_steps(steps)
-        phi, state = self._compiled_adapt(support_x, support_y, steps, False)
+        weights, state = self._compiled_adapt(support_x, support_y, steps)
         try:
             adapted = keras.models.clone_model(self.model)
         except Exception as error:  # Keras raises several types here.
@@ -662,7 +820,7 @@ class ReptileModel(keras.Model):
             ) from error
         if not adapted.built:
             adapted.build((None,) + tuple(support_x.shape[1:]))
-        for variable, value in zip(adapted.trainable_variables, phi):
+        for variable, value in zip(adapted.trainable_variables, weights):
             variable.assign(value)
         for variable, value in zip(adapted.non_trainable_variables, state):
             variable.assign(value)
@@ -688,10 +846,21 @@ class ReptileModel(keras.Model):
         support_x, support_y = self._check_support(support_x, support_y)
         query_x = self._check_inputs("query_x", query_x, support_x.shape[1:])
         steps = self._check_steps(steps)
-        phi, state = self._compiled_adapt(
-            support_x, support_y, steps, self.transductive
+        key = ("adapt_and_predict", _spec_key(support_x), _spec_key(support_y),
+               _spec_key(query_x), self._trace_settings())
+        if key not in self._adapt_functions:
+            self._adapt_functions[key] = tf.function(
+                self.call_adapted,
+                input_signature=[
+                    _rows_spec(support_x),
+                    _rows_spec(support_y),
+                    _rows_spec(query_x),
+                    tf.TensorSpec([], tf.int32),
+                ],
+            )
+        outputs = self._adapt_functions[key](
+            support_x, support_y, query_x, tf.constant(steps, tf.int32)
         )
-        outputs = self._compiled_predict(phi, state, query_x)
         return keras.ops.convert_to_numpy(outputs)
 
     def export(
@@ -730,8 +899,6 @@ class ReptileModel(keras.Model):
 
         >>> model.export("saved_models/omniglot/1")  # doctest: +SKIP
         """
-        from keras_reptile import export as export_lib
-
         if format != "tf_saved_model":
             raise ValueError(
                 "`ReptileModel.export` only supports "
@@ -750,31 +917,19 @@ class ReptileModel(keras.Model):
             overwrite=overwrite,
         )
 
-    def _compiled_adapt(self, support_x, support_y, steps, transductive):
-        self._check_compiled()
+    def _compiled_adapt(self, support_x, support_y, steps):
         # One trace per example shape and setting; the number of rows and
         # of steps are tensors, so any support size or step count reuses it.
-        key = (
-            "adapt",
-            _spec_key(support_x),
-            _spec_key(support_y),
-            transductive,
-            self._trace_settings(),
-        )
+        key = ("adapt", _spec_key(support_x), _spec_key(support_y), self._trace_settings())
         if key not in self._adapt_functions:
 
             def adapt_fn(support_x, support_y, steps):
-                phi, state = self._adapt_weights(
-                    _values(self.model.trainable_variables),
-                    _values(self.model.non_trainable_variables),
-                    support_x,
-                    support_y,
-                    steps,
-                    self.eval_inner_batch_size,
-                )
-                return phi, self._finish_adaptation(
-                    phi, state, support_x, transductive
-                )
+                theta, state = self._meta_weights()
+                # `adapt()`'s copy predicts one example at a time: always the
+                # support statistics.
+                settings = self._eval_settings(steps)._replace(transductive=False)
+                adaptation = self._adapt(theta, state, support_x, support_y, settings)
+                return adaptation.weights, adaptation.state
 
             self._adapt_functions[key] = tf.function(
                 adapt_fn,
@@ -788,37 +943,22 @@ class ReptileModel(keras.Model):
             support_x, support_y, tf.constant(steps, tf.int32)
         )
 
-    def _trace_settings(self):
-        # What a trace bakes in besides input shapes: a re-compile (new loss)
-        # or new inner-loop settings must not reuse an old trace.
-        return (
-            self._compile_loss,
-            self.inner_optimizer,
-            self.eval_inner_batch_size,
-            tuple(v.path for v in self.model.trainable_variables),
-        )
-
-    def _compiled_predict(self, phi, state, query_x):
-        transductive = self.transductive
-        key = ("predict", _spec_key(query_x), transductive, self._trace_settings())
-        if key not in self._adapt_functions:
-            self._adapt_functions[key] = tf.function(
-                lambda phi, state, query_x: self._predict_query(
-                    phi, state, query_x, transductive
-                ),
-                reduce_retracing=True,
-            )
-        return self._adapt_functions[key](phi, state, query_x)
-
     # ------------------------------------------------------------------
     # Input checks
 
     def _check_compiled(self):
-        if not self.compiled or self._compile_loss is None:
+        if not self.compiled or _compat.compiled_loss(self) is None:
             raise ValueError(
                 "Call `compile()` with a `loss` before meta-training, "
                 "evaluating or adapting: the inner loop minimises the "
                 "compiled loss."
+            )
+        if self.head is not None and loss_kind(self.loss)[0] is None:
+            raise ValueError(
+                "Expected a classification loss (`SparseCategoricalCrossentropy` "
+                "or `CategoricalCrossentropy`) with `head="
+                f'"prototype"`: the head is made from class means. Received: '
+                f"loss={self.loss!r}"
             )
 
     def _ensure_built(self, example_shape):
@@ -905,7 +1045,7 @@ class ReptileModel(keras.Model):
                 f"Received: support_x.shape={tuple(support_x.shape)}, "
                 f"support_y.shape={tuple(support_y.shape)}"
             )
-        if _loss_kind(self.loss)[0] == "sparse":
+        if loss_kind(self.loss)[0] == "sparse":
             # `compute_output_spec` also works for subclassed models without
             # `compute_output_shape`.
             num_outputs = self.model.compute_output_spec(
@@ -957,29 +1097,6 @@ def _values(variables):
     return [tf.convert_to_tensor(v) for v in variables]
 
 
-def _loss_kind(loss):
-    """Returns `(kind, from_logits)`, kind "sparse", "categorical" or None."""
-    if isinstance(loss, (list, tuple)) and len(loss) == 1:
-        loss = loss[0]
-    if isinstance(loss, dict) and len(loss) == 1:
-        loss = next(iter(loss.values()))
-    if isinstance(loss, str):
-        try:
-            loss = keras.losses.get(loss)
-        except ValueError:
-            return None, False
-    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
-        return "sparse", bool(loss.get_config().get("from_logits", False))
-    if isinstance(loss, keras.losses.CategoricalCrossentropy):
-        return "categorical", bool(loss.get_config().get("from_logits", False))
-    if loss is keras.losses.sparse_categorical_crossentropy:
-        return "sparse", False
-    if loss is keras.losses.categorical_crossentropy:
-        return "categorical", False
-    return None, False
-
-
-
 def _episode_element(data):
     """The episode dict of a dataset element or of Keras's `(x, y, w)` triple."""
     if isinstance(data, (tuple, list)):
@@ -1017,13 +1134,6 @@ def _raise_uneven_split(sizes):
     )
 
 
-def _multi_worker(strategy):
-    # Keras's own test for the reduction it applies to step outputs.
-    return isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and strategy.extended._in_multi_worker_mode()
-
-
 def _is_float(x):
     return x.dtype.is_floating
 
@@ -1032,3 +1142,7 @@ def _shape_matches(shape, expected):
     if len(shape) != len(expected):
         return False
     return all(e is None or s is None or s == e for s, e in zip(shape, expected))
+
+
+# Evaluation adapts and predicts; only the meta-step needs an algorithm.
+_ADAPT_AND_PREDICT = algorithms.MetaAlgorithm()

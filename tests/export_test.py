@@ -20,6 +20,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 import keras_reptile
+from keras_reptile._losses import loss_kind
 from keras_reptile import ReptileModel
 from keras_reptile import export as export_lib
 
@@ -607,7 +608,7 @@ def test_carried_inner_optimizer_state_is_served(tmp_path):
     ],
 )
 def test_classifier_detection(loss, expected):
-    assert export_lib._loss_kind(loss) == expected
+    assert loss_kind(loss) == expected
 
 
 # ----------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""Every private Keras or TensorFlow name the library relies on, in one place.
+
+A meta-learner has to reach a little below Keras's public API: it builds the
+compiled loss and metrics before the first trace (so a meta-step compiles
+once), calls the compiled loss on per-task tensors, restates optimizer rules
+functionally, and restores the epoch counter on resume. Each such use is a
+small function here, and `tests/_compat_test.py` fails by name when a Keras
+release removes one, so an upgrade breaks loudly in one file instead of
+quietly somewhere in the library.
+"""
+
+import keras
+import tensorflow as tf
+
+# (owner, attribute) pairs this module uses; the compat test checks each.
+PRIVATE_NAMES = (
+    (keras.Model, "_maybe_symbolic_build"),
+    (keras.Model, "_symbolic_build"),
+    (keras.Model, "_flatten_layers"),
+    (keras.optimizers.Optimizer, "_use_weight_decay"),
+)
+# Attributes set on instances only (checked on a compiled model or a built
+# optimizer by the test).
+MODEL_ATTRIBUTES = ("_compile_loss", "_loss_tracker", "_initial_epoch")
+OPTIMIZER_ATTRIBUTES = ("_learning_rate",)
+STRATEGY_METHODS = ((tf.distribute.MultiWorkerMirroredStrategy, "_in_multi_worker_mode"),)
+
+
+class BuildBeforeTrace:
+    """Model mixin: builds metrics and optimizer before the first trace.
+
+    Keras's TensorFlow trainer defers building the compiled metrics and the
+    optimizer to the first trace of the step function unless a distribution
+    strategy is set, and a `tf.function` that creates variables while tracing
+    is traced a second time. The mixin overrides the private hook Keras calls
+    at the start of `fit`/`evaluate`/`*_on_batch` and hands the first data
+    batch to the model's `_build_from_data(data_batch)`.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = next(batches)
+                break
+        if data_batch is not None:
+            self._build_from_data(data_batch)
+
+
+def symbolic_build(model, data_batch):
+    """Builds `model`'s compiled loss, metrics and optimizer from a batch."""
+    model._symbolic_build(data_batch=data_batch)
+
+
+def compiled_loss(model):
+    """The `CompileLoss` object `compile(loss=...)` made, or None."""
+    return getattr(model, "_compile_loss", None)
+
+
+def loss_tracker(model):
+    """The `Mean` metric behind the `loss` entry of `fit`'s logs."""
+    return model._loss_tracker
+
+
+def flatten_layers(model):
+    """Every layer inside `model` (nested models and sublayers), and itself."""
+    return model._flatten_layers(include_self=True)
+
+
+def set_initial_epoch(model, epoch):
+    """Sets the epoch `fit` resumes from (as `BackupAndRestore` does)."""
+    model._initial_epoch = epoch
+
+
+def initial_epoch(model):
+    return model._initial_epoch
+
+
+def raw_learning_rate(optimizer):
+    """The optimizer's learning rate as given: a float, schedule or variable."""
+    return optimizer._learning_rate
+
+
+def uses_weight_decay(optimizer, variable):
+    """Whether `optimizer` applies weight decay to `variable`."""
+    return optimizer._use_weight_decay(variable)
+
+
+def in_multi_worker_mode(strategy):
+    """Keras's own test for the cross-worker reduction of step outputs."""
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and strategy.extended._in_multi_worker_mode()
