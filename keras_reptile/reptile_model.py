@@ -982,6 +982,8 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
                 f"Expected episode keys {list(EPISODE_KEYS)}. Received keys "
                 f"{sorted(data)} (missing: {missing}, unexpected: {extra})."
             )
+        # NumPy arrays reach an eagerly run step unconverted.
+        data = {k: tf.convert_to_tensor(v) for k, v in data.items()}
         sx, sy, qx, qy = (data[k] for k in EPISODE_KEYS)
         if sx.shape.rank is None or sx.shape.rank < 2 or qx.shape.rank != sx.shape.rank:
             raise ValueError(
