@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import warnings
 
@@ -137,13 +138,22 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     `delete_checkpoint=False`), and kept when training is stopped by
     `GracefulShutdown` or ends with an exception.
 
+    A backup also records what it was made with: the model's configuration
+    (`get_config()`, without layer and optimizer names), the outer
+    optimizer's type and configuration, and the shapes and dtypes of the
+    model's variables. `fit` refuses to resume into anything else (another
+    optimizer, learning rate, `inner_steps`, architecture, ...) with a
+    `ValueError` listing the differences, as it does for an unreadable
+    backup; then nothing is restored and the backup is kept. An unwritable
+    `backup_dir` is reported when training begins.
+
     Args:
         backup_dir: Local directory for the backup; not shared with any
             other callback or run.
         save_freq: `"epoch"` to back up at the end of each epoch, or an
             integer to back up every `save_freq` meta-steps.
-        double_checkpoint: Whether to also keep the previous backup, used if
-            the latest one cannot be read.
+        double_checkpoint: Whether to also keep the previous backup, used
+            (with a warning) if the latest one cannot be read.
         delete_checkpoint: Whether to delete the backup when `fit` completes.
 
     Example:
@@ -207,6 +217,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._last_saved = None
         self._interrupted = False
         self._train_function = None
+        self._configuration = None
+        # Set when the latest backup was unreadable and the previous one was
+        # restored instead.
+        self._latest_unreadable = False
 
     # ------------------------------------------------------------------
     # Datasets
@@ -269,6 +283,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 "steps_per_epoch=...)` to place a backup inside an epoch. "
                 f"Received: steps_per_epoch={self._steps}"
             )
+        self._check_writable()
+        self._configuration = _configuration(self.model)
         state = self._restore()
         if state is None:
             self._start_iterations = self._iterations()
@@ -391,6 +407,20 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             os.path.join(self.backup_dir, "training_metadata.json") + suffix,
         )
 
+    def _check_writable(self):
+        # Found now, rather than when the first backup is due, after an
+        # epoch or `save_freq` meta-steps of work.
+        try:
+            os.makedirs(self.backup_dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.backup_dir):
+                pass
+        except OSError as error:
+            raise ValueError(
+                "Expected `backup_dir` to be a writable directory. Received: "
+                f"backup_dir={self.backup_dir!r}, which cannot be written "
+                f"({error})"
+            ) from error
+
     def _save(self):
         iterations = self._iterations()
         key = (self._epoch, self._batches_done, iterations)
@@ -398,7 +428,13 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             return
         os.makedirs(self.backup_dir, exist_ok=True)
         weights_path, metadata_path = self._paths()
-        if self.double_checkpoint and os.path.exists(weights_path):
+        # Copying an unreadable latest backup over the previous one would
+        # leave no readable backup until the rename below.
+        if (
+            self.double_checkpoint
+            and os.path.exists(weights_path)
+            and not self._latest_unreadable
+        ):
             for src, dst in zip(self._paths(), self._paths(previous=True)):
                 if os.path.exists(src):
                     _atomic_copy(src, dst)
@@ -410,6 +446,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             "iterations": iterations,
             "start_iterations": self._start_iterations,
             "steps_per_epoch": self._steps,
+            "configuration": self._configuration,
         }
         # The position goes inside the weights file, so that one atomic
         # rename commits both: a kill at any moment leaves the previous
@@ -429,10 +466,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             os.fsync(f.fileno())
         os.replace(tmp, metadata_path)
         self._last_saved = key
+        self._latest_unreadable = False
 
     def _restore(self):
-        weights_path, metadata_path = self._paths()
-        if not os.path.exists(weights_path):
+        latest, previous = self._paths(), self._paths(previous=True)
+        if not os.path.exists(latest[0]):
             return None
         if not self.model.built:
             raise ValueError(
@@ -442,18 +480,46 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             )
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
+        # Everything is read and checked before anything is loaded, so that
+        # a refused backup leaves the model as it was.
+        weights_path = latest[0]
         try:
-            metadata = _load(self.model, weights_path, metadata_path)
-        except (OSError, ValueError):
-            previous = self._paths(previous=True)
+            metadata = _read_backup(*latest)
+        except _UnreadableBackupError as error:
             if not (self.double_checkpoint and os.path.exists(previous[0])):
-                raise
-            metadata = _load(self.model, *previous)
+                raise _UnreadableBackupError(
+                    f"{error} Nothing was restored and the file is kept; "
+                    f"remove {self.backup_dir} to start afresh."
+                ) from error
+            try:
+                metadata = _read_backup(*previous)
+            except _UnreadableBackupError as previous_error:
+                raise _UnreadableBackupError(
+                    f"{error} Neither can the previous backup be restored: "
+                    f"{previous_error} Nothing was restored and the files "
+                    f"are kept; remove {self.backup_dir} to start afresh."
+                ) from previous_error
+            warnings.warn(
+                f"{error} Resuming from the previous backup, {previous[0]}, "
+                "instead: the meta-steps after it are redone.",
+                stacklevel=2,
+            )
+            weights_path = previous[0]
+            self._latest_unreadable = True
+        if metadata is not None:
+            self._check_resumable(metadata)
+        _load_weights(self.model, weights_path)
         if metadata is None:
             return None
         if "iterations" not in metadata:
             # Written by `keras.callbacks.BackupAndRestore`: epoch only.
             return metadata["epoch"], 0, self._iterations()
+        return metadata["epoch"], metadata["batch"], metadata["start_iterations"]
+
+    def _check_resumable(self, metadata):
+        """Raises if the backup was made by a run configured differently."""
+        if "iterations" not in metadata:
+            return  # Written by `keras.callbacks.BackupAndRestore`.
         saved_steps = metadata["steps_per_epoch"]
         if saved_steps is not None and saved_steps != self._steps:
             raise ValueError(
@@ -461,7 +527,26 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 f"the interrupted run ({saved_steps}) to resume it from "
                 f"{self.backup_dir}. Received: steps_per_epoch={self._steps}"
             )
-        return metadata["epoch"], metadata["batch"], metadata["start_iterations"]
+        saved = metadata.get("configuration")
+        if saved is None:
+            return  # Written before backups recorded their configuration.
+        differences = list(_differences(saved, self._configuration))
+        if not differences:
+            return
+        listed = "; ".join(
+            f"{field}: {_brief(old)} vs. {_brief(new)}"
+            for field, old, new in differences[:_MAX_LISTED_DIFFERENCES]
+        )
+        if len(differences) > _MAX_LISTED_DIFFERENCES:
+            listed += f"; and {len(differences) - _MAX_LISTED_DIFFERENCES} more"
+        raise ValueError(
+            "Expected the model and outer optimizer to be configured as in "
+            f"the run that wrote the backup in {self.backup_dir}, to resume "
+            f"it. Received differences (backup vs. this run): {listed}. "
+            "Nothing was restored and the backup is kept: configure the run "
+            "as before to resume it, or pass another `backup_dir` to start "
+            "afresh."
+        )
 
 
 class GracefulShutdown(keras.callbacks.Callback):
@@ -636,17 +721,144 @@ class _SharedState:
 _METADATA_ATTR = "keras_reptile_backup"
 
 
-def _load(model, weights_path, metadata_path):
-    """Loads a backup's weights; returns its metadata (or `None`)."""
-    model.load_weights(weights_path)
-    with h5py.File(weights_path, "r") as f:
-        metadata = f.attrs.get(_METADATA_ATTR)
-    if metadata is not None:
-        return json.loads(metadata)
-    if not os.path.exists(metadata_path):
-        return None
-    with open(metadata_path) as f:
-        return json.loads(f.read())
+_MAX_LISTED_DIFFERENCES = 5
+_MAX_SHOWN_CHARS = 80
+
+# Keys of Keras configs that hold names, which Keras makes unique within a
+# process ("dense_3"): the same model built twice differs only there. (So a
+# functional model's wiring, by layer name, is compared through shapes only.)
+_NAME_KEYS = frozenset(["name", "keras_history", "input_layers", "output_layers"])
+
+
+class _UnreadableBackupError(ValueError):
+    """A backup file that cannot be read (and may have a fallback)."""
+
+
+def _configuration(model):
+    """What a backup is made with, as JSON values: checked before resuming."""
+    try:
+        model_config = model.get_config()
+    except NotImplementedError:
+        # A subclassed model without `get_config()`: the variables still
+        # tell most architecture changes.
+        model_config = None
+    optimizer = getattr(model, "optimizer", None)
+    configuration = {
+        "model": {"class": type(model).__name__, "config": model_config},
+        "optimizer": None if optimizer is None else {
+            "class": type(optimizer).__name__,
+            "config": optimizer.get_config(),
+        },
+        "variables": [
+            f"{v.dtype}{list(v.shape)}" + ("" if v.trainable else " non-trainable")
+            for v in model.weights
+        ],
+    }
+    # Compared with one read back from JSON, where tuples are lists.
+    return _without_names(json.loads(json.dumps(configuration, default=str)))
+
+
+def _without_names(value):
+    if isinstance(value, dict):
+        if str(value.get("class_name", "")).endswith("DTypePolicy"):
+            return value  # Its name is the dtype policy, e.g. "mixed_float16".
+        return {
+            key: _without_names(item)
+            for key, item in value.items()
+            if key not in _NAME_KEYS
+        }
+    if isinstance(value, list):
+        return [_without_names(item) for item in value]
+    return value
+
+
+def _differences(saved, current, field=""):
+    """Yields `(field, saved value, current value)` where two JSON values differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in list(saved) + [k for k in current if k not in saved]:
+            yield from _differences(
+                saved.get(key, "<missing>"),
+                current.get(key, "<missing>"),
+                f"{field}.{key}" if field else key,
+            )
+    elif (
+        isinstance(saved, list)
+        and isinstance(current, list)
+        and len(saved) == len(current)
+    ):
+        for i, (s, c) in enumerate(zip(saved, current)):
+            yield from _differences(s, c, f"{field}[{i}]")
+    elif saved != current:
+        yield field, saved, current
+
+
+def _brief(value):
+    text = json.dumps(value)
+    if len(text) > _MAX_SHOWN_CHARS:
+        text = text[: _MAX_SHOWN_CHARS - 3] + "..."
+    return text
+
+
+def _read_backup(weights_path, metadata_path):
+    """Returns a backup's metadata (or `None`), after reading all its weights.
+
+    Raises:
+        _UnreadableBackupError: If the weights file or the metadata cannot
+            be read; the message names the file.
+    """
+    try:
+        with h5py.File(weights_path, "r") as f:
+            # Reading every array finds a truncated or garbled file before
+            # `load_weights` has assigned some of the variables.
+            f.visititems(_read_array)
+            metadata = f.attrs.get(_METADATA_ATTR)
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        raise _UnreadableBackupError(
+            f"Expected {weights_path} to be a backup weights file, but it "
+            f"cannot be read: it is corrupt or truncated ({error})."
+        ) from error
+    source = weights_path
+    try:
+        if metadata is None:
+            # Written by `keras.callbacks.BackupAndRestore`.
+            if not os.path.exists(metadata_path):
+                return None
+            source = metadata_path
+            with open(metadata_path) as f:
+                metadata = f.read()
+        metadata = json.loads(metadata)
+    except (OSError, ValueError) as error:
+        raise _UnreadableBackupError(
+            f"Expected the backup metadata in {source} to be JSON, but it "
+            f"cannot be read: it is corrupt ({error})."
+        ) from error
+    if not isinstance(metadata, dict) or "epoch" not in metadata:
+        raise _UnreadableBackupError(
+            f"Expected the backup metadata in {source} to be a JSON object "
+            f"with an `epoch`. Received: {_brief(metadata)}."
+        )
+    return metadata
+
+
+def _read_array(name, item):
+    if isinstance(item, h5py.Dataset):
+        item[()]  # Raises if the data is cut off or unreadable.
+    return None  # `visititems` stops at the first other return value.
+
+
+def _load_weights(model, path):
+    if path.endswith(".weights.h5"):
+        model.load_weights(path)
+        return
+    # `load_weights` only reads names ending in ".weights.h5", and the
+    # previous backup is "latest.weights.h5.bkp" (Keras's name for it).
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+        link = os.path.join(tmp, "previous.weights.h5")
+        try:
+            os.link(path, link)
+        except OSError:
+            shutil.copyfile(path, link)
+        model.load_weights(link)
 
 
 def _fsync(path):

@@ -32,6 +32,9 @@ EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
 # Examples per batch when `from_dataset` reads a dataset into memory.
 _MATERIALIZE_BATCH_SIZE = 1024
 
+# Rows listed in the error for non-finite features.
+_MAX_LISTED_ROWS = 10
+
 
 def from_arrays(
     x,
@@ -96,8 +99,8 @@ def from_arrays(
             have different lengths, `y` is not a vector of integer labels, a
             class has fewer than `shots + query_shots` examples, there are
             fewer than `ways` classes (in any group, when `groups` is given),
-            a class spans several groups, or `rotations=True` with non-square
-            features.
+            a class spans several groups, `rotations=True` with non-square
+            features, or `x` has NaN or Inf values.
         TypeError: If `x` or `y` is not numeric, or `seed` is not an integer.
 
     Example:
@@ -493,6 +496,17 @@ def _check_examples(x, y):
         )
     if x.shape[0] == 0:
         raise ValueError("Expected at least one example. Received: N=0")
+    # A NaN or Inf feature would turn every meta-gradient it reaches into
+    # NaN, long after the pipeline was built.
+    bad = np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1))
+    if bad.size:
+        shown = bad[:_MAX_LISTED_ROWS].tolist()
+        more = ", ..." if bad.size > _MAX_LISTED_ROWS else ""
+        raise ValueError(
+            "Expected `x` to contain only finite values. Received: "
+            f"non-finite values (NaN or Inf) in {bad.size} examples, at rows "
+            f"[{', '.join(map(str, shown))}{more}]"
+        )
     if np.issubdtype(y.dtype, np.floating):
         bad = np.flatnonzero(~np.isfinite(y) | (np.round(y) != y))
         if bad.size:

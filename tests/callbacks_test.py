@@ -7,12 +7,15 @@ import glob
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import warnings
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -507,6 +510,308 @@ def test_backup_and_restore_rejects_bad_use(model, tmp_path):
             _shared_model(), [BackupAndRestore(str(tmp_path / "b"), save_freq=2)],
             steps_per_epoch=5,
         )
+
+
+def _files(directory):
+    """The contents of every file under `directory`, by relative path."""
+    contents = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                contents[os.path.relpath(path, directory)] = f.read()
+    return contents
+
+
+def _damage(path, how):
+    size = os.path.getsize(path)
+    if how == "truncated":  # As a full disk or a killed copy leaves it.
+        with open(path, "r+b") as f:
+            f.truncate(size // 2)
+    else:
+        with open(path, "wb") as f:
+            f.write(np.random.default_rng(0).bytes(size))
+
+
+def _state_in(path):
+    """The state stored in a backup weights file, read by plain Keras."""
+    model = _shared_model()
+    model.load_weights(path)
+    return state(model)
+
+
+def test_double_checkpoint_resumes_from_the_previous_backup_if_the_latest_is_corrupt(
+    model, reference, tmp_path
+):
+    _, reference_states = reference
+    backup_dir = str(tmp_path / "backup")
+    latest = os.path.join(backup_dir, "latest.weights.h5")
+    previous = latest + ".bkp"
+    train, _ = make_data()
+
+    def run(model, crash_at=None):
+        backup = BackupAndRestore(backup_dir, save_freq=3, double_checkpoint=True)
+        restored = []
+        callbacks = [
+            backup,
+            keras.callbacks.LambdaCallback(
+                on_train_begin=lambda logs: restored.append(state(model))
+            ),
+        ]
+        if crash_at is None:
+            _fit(model, callbacks, train=backup.resumable(train))
+        else:
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                _fit(model, callbacks + [_RaiseAt(crash_at)],
+                     train=backup.resumable(train))
+        return restored[0]
+
+    run(model, crash_at=7)
+    # Backups after meta-steps 6 (latest) and 3 (previous).
+    _damage(latest, "truncated")
+    with open(previous, "rb") as f:
+        previous_contents = f.read()
+    with pytest.warns(
+        UserWarning,
+        match=re.escape(latest) + r" .*cannot be read.* Resuming from the "
+        + re.escape(f"previous backup, {previous}, instead"),
+    ):
+        restored = run(_shared_model(), crash_at=7)
+    _assert_states_equal(restored, reference_states[3])
+    # The backup after meta-step 6 replaced the corrupt one, which was not
+    # copied over the previous backup.
+    with open(previous, "rb") as f:
+        assert f.read() == previous_contents
+    _assert_states_equal(_state_in(latest), reference_states[6])
+
+    model = _shared_model()
+    _assert_states_equal(run(model), reference_states[6])
+    _assert_states_equal(state(model), reference_states[EPOCHS * STEPS])
+    assert not os.path.exists(backup_dir)
+
+
+@pytest.mark.parametrize(
+    "how, double_checkpoint",
+    [("truncated", False), ("garbage", False), ("garbage", True)],
+)
+def test_corrupt_backup_with_no_fallback_is_refused_and_kept(
+    model, tmp_path, how, double_checkpoint
+):
+    backup_dir = str(tmp_path / "backup")
+    latest = os.path.join(backup_dir, "latest.weights.h5")
+    backup = BackupAndRestore(
+        backup_dir, save_freq=2, double_checkpoint=double_checkpoint
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(model, [backup, _RaiseAt(5)])
+    damaged = [latest] + ([latest + ".bkp"] if double_checkpoint else [])
+    for path in damaged:
+        _damage(path, how)
+    before = _files(backup_dir)
+    model = _shared_model()
+    fresh = state(model)
+    message = "".join(
+        f"Expected {re.escape(path)} to be a backup weights file, but it "
+        r"cannot be read: it is corrupt or truncated \(.*\)\..*"
+        for path in damaged
+    ) + "Nothing was restored"
+    with pytest.raises(ValueError, match=message):
+        _fit(
+            model,
+            [BackupAndRestore(
+                backup_dir, save_freq=2, double_checkpoint=double_checkpoint
+            )],
+        )
+    _assert_states_equal(state(model), fresh)
+    assert _files(backup_dir) == before
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_file"])
+def test_unwritable_backup_dir_is_reported_before_any_meta_step(
+    model, tmp_path, where
+):
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("data")
+    backup_dir = str(blocker / "backup" if where == "under_a_file" else blocker)
+    steps = []
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Expected `backup_dir` to be a writable directory. Received: "
+            f"backup_dir={backup_dir!r}, which cannot be written"
+        ),
+    ):
+        _fit(
+            model,
+            [
+                BackupAndRestore(backup_dir),
+                keras.callbacks.LambdaCallback(
+                    on_train_batch_begin=lambda b, logs: steps.append(b)
+                ),
+            ],
+        )
+    assert steps == []
+    assert int(model.optimizer.iterations) == 0
+    assert blocker.read_text() == "data"
+
+
+def _configured_model(
+    optimizer="adam", learning_rate=0.1, inner_steps=2, units=8, functional=False
+):
+    """A small model to back up, or to resume in another configuration."""
+    keras.utils.set_random_seed(0)
+    layers = [keras.layers.Dense(units), keras.layers.ReLU(), keras.layers.Dense(3)]
+    if functional:
+        inputs = outputs = keras.Input((6,))
+        for layer in layers:
+            outputs = layer(outputs)
+        backbone = keras.Model(inputs, outputs)
+    else:
+        backbone = keras.Sequential([keras.Input((6,))] + layers)
+    model = ReptileModel(
+        backbone, inner_steps=inner_steps, inner_batch_size=3, eval_inner_steps=3
+    )
+    model.compile(
+        optimizer=keras.optimizers.get(
+            {"class_name": optimizer, "config": {"learning_rate": learning_rate}}
+        ),
+        loss=SCCE,
+    )
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def _write_backup(backup_dir, **config):
+    """Backs up `_configured_model(**config)` after meta-step 2; its state then."""
+    model = _configured_model(**config)
+    saved = []
+
+    def record(batch, logs):
+        if int(model.optimizer.iterations) == 2:
+            saved.append(state(model))
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(
+            model,
+            [
+                BackupAndRestore(backup_dir, save_freq=2),
+                keras.callbacks.LambdaCallback(on_train_batch_end=record),
+                _RaiseAt(3),
+            ],
+            epochs=1,
+        )
+    return saved[0]
+
+
+@pytest.fixture(scope="module")
+def configured_backup(tmp_path_factory):
+    backup_dir = str(tmp_path_factory.mktemp("configured") / "backup")
+    _write_backup(backup_dir)
+    return backup_dir
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_backup_resumes_into_a_new_model_of_the_same_configuration(
+    tmp_path, functional
+):
+    backup_dir = str(tmp_path / "backup")
+    saved = _write_backup(backup_dir, functional=functional)
+    # Built anew, so its layers and optimizer have other generated names.
+    model = _configured_model(functional=functional)
+    restored = []
+    _fit(
+        model,
+        [
+            BackupAndRestore(backup_dir, save_freq=2),
+            keras.callbacks.LambdaCallback(
+                on_train_begin=lambda logs: restored.append(state(model))
+            ),
+        ],
+        epochs=1,
+    )
+    _assert_states_equal(restored[0], saved)
+    assert int(model.optimizer.iterations) == STEPS
+    assert not os.path.exists(backup_dir)
+
+
+def _float32(value):
+    return repr(float(np.float32(value)))
+
+
+@pytest.mark.parametrize(
+    "changes, difference",
+    [
+        (dict(optimizer="sgd"), 'optimizer.class: "Adam" vs. "SGD"'),
+        (
+            dict(learning_rate=0.05),
+            f"optimizer.config.learning_rate: {_float32(0.1)} vs. "
+            f"{_float32(0.05)}",
+        ),
+        (dict(inner_steps=3), "model.config.inner_steps: 2 vs. 3"),
+        (
+            dict(units=16),
+            "model.config.model.config.layers[1].config.units: 8 vs. 16",
+        ),
+        (dict(units=16), 'variables[0]: "float32[6, 8]" vs. "float32[6, 16]"'),
+    ],
+)
+def test_resuming_into_another_configuration_is_refused(
+    configured_backup, tmp_path, changes, difference
+):
+    backup_dir = str(tmp_path / "backup")
+    shutil.copytree(configured_backup, backup_dir)
+    before = _files(backup_dir)
+    model = _configured_model(**changes)
+    fresh = state(model)
+    with pytest.raises(ValueError) as info:
+        _fit(model, [BackupAndRestore(backup_dir, save_freq=2)], epochs=1)
+    message = str(info.value)
+    assert message.startswith(
+        "Expected the model and outer optimizer to be configured as in the "
+        f"run that wrote the backup in {backup_dir}, to resume it. Received "
+        "differences (backup vs. this run): "
+    )
+    assert difference in message
+    assert message.endswith(
+        "Nothing was restored and the backup is kept: configure the run as "
+        "before to resume it, or pass another `backup_dir` to start afresh."
+    )
+    _assert_states_equal(state(model), fresh)
+    assert _files(backup_dir) == before
+
+
+@pytest.mark.parametrize("where", ["weights_file", "keras_metadata_file"])
+def test_unreadable_backup_metadata_is_refused_before_loading(
+    configured_backup, tmp_path, where
+):
+    backup_dir = str(tmp_path / "backup")
+    shutil.copytree(configured_backup, backup_dir)
+    latest = os.path.join(backup_dir, "latest.weights.h5")
+    metadata_file = os.path.join(backup_dir, "training_metadata.json")
+    with h5py.File(latest, "a") as f:
+        if where == "weights_file":
+            f.attrs["keras_reptile_backup"] = '{"epoch": 0, "batch'
+            damaged = latest
+        else:
+            # As `keras.callbacks.BackupAndRestore` writes a backup.
+            del f.attrs["keras_reptile_backup"]
+            damaged = metadata_file
+    if where == "keras_metadata_file":
+        with open(metadata_file, "w") as f:
+            f.write('{"epoch": 0, "batch')
+    before = _files(backup_dir)
+    model = _configured_model()
+    fresh = state(model)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"Expected the backup metadata in {damaged} to be JSON, but it "
+            "cannot be read: it is corrupt"
+        ) + ".*Nothing was restored",
+    ):
+        _fit(model, [BackupAndRestore(backup_dir, save_freq=2)], epochs=1)
+    _assert_states_equal(state(model), fresh)
+    assert _files(backup_dir) == before
 
 
 # ----------------------------------------------------------------------------

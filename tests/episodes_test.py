@@ -538,6 +538,39 @@ def test_from_arrays_errors(x, y, kwargs, error, match):
         episodes.from_arrays(x, y, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_from_arrays_rejects_non_finite_features(dtype):
+    x = X.astype(dtype)
+    x[3, 0, 1, 0] = np.nan
+    x[7, 2, 2, 0] = np.inf
+    x[8] = -np.inf
+    with pytest.raises(
+        ValueError,
+        match=r"Expected `x` to contain only finite values. Received: "
+        r"non-finite values \(NaN or Inf\) in 3 examples, at rows \[3, 7, 8\]$",
+    ):
+        episodes.from_arrays(x, Y, **GOOD)
+    # Through `from_dataset` too, which reads into arrays.
+    with pytest.raises(ValueError, match=r"at rows \[3, 7, 8\]"):
+        episodes.from_dataset(_examples(x=x), **GOOD)
+
+
+def test_from_arrays_lists_the_first_non_finite_rows():
+    x = np.zeros((30, 2), "float32")
+    x[::2, 1] = np.nan  # Rows 0, 2, ..., 28: 15 of them.
+    y = np.arange(30) % 3
+    with pytest.raises(
+        ValueError,
+        match=r"in 15 examples, at rows "
+        r"\[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, \.\.\.\]$",
+    ):
+        episodes.from_arrays(x, y, **GOOD)
+    # Large finite values, and integer features (cast to float32), are fine.
+    x[::2, 1] = np.finfo("float32").max
+    episodes.from_arrays(x, y, **GOOD)
+    episodes.from_arrays(np.full((30, 2), 255, "uint8"), y, **GOOD)
+
+
 def _examples(x=X, y=Y):
     return tf.data.Dataset.from_tensor_slices((x, y))
 
