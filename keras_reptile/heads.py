@@ -67,7 +67,6 @@ class PrototypeHead:
         embeddings, _ = inner_loop.stateless_call(
             model, weights, state, support_x, training=True, layer=embed
         )
-        embeddings = tf.reshape(embeddings, [tf.shape(embeddings)[0], -1])
         labels = tf.cast(labels, embeddings.dtype)
         counts = tf.reduce_sum(labels, axis=0)  # [units]
         present = counts > 0
@@ -82,8 +81,12 @@ class PrototypeHead:
         )
         weights = list(weights)
         variables = model.trainable_variables
-        weights[_index(variables, dense.kernel)] = tf.cast(kernel, dense.kernel.dtype)
-        weights[_index(variables, dense.bias)] = tf.cast(bias, dense.bias.dtype)
+        weights[_index(variables, dense.kernel)] = tf.ensure_shape(
+            tf.cast(kernel, dense.kernel.dtype), dense.kernel.shape
+        )
+        weights[_index(variables, dense.bias)] = tf.ensure_shape(
+            tf.cast(bias, dense.bias.dtype), dense.bias.shape
+        )
         return weights
 
     def check_model(self, model):
@@ -152,6 +155,12 @@ def _head_parts(model):
             '`head="prototype"`. Received: model '
             f"{model.name!r} with last layer "
             f"{type(dense).__name__ if dense is not None else None}."
+        )
+    if len(dense.input.shape) != 2:
+        raise ValueError(
+            "Expected the final Dense layer to take one embedding vector per "
+            'example for `head="prototype"`. Received: its input shape '
+            f"{dense.input.shape}"
         )
     activation = keras.activations.serialize(dense.activation)
     if isinstance(activation, dict):

@@ -186,7 +186,7 @@ class InnerOptimizer:
         if opt.amsgrad:
             v = tf.maximum(s["v_hat"], v)
             new["v_hat"] = v
-        return p - (m * alpha) / (tf.sqrt(v) + opt.epsilon), new
+        return p - (m * alpha) / (_sqrt(v) + opt.epsilon), new
 
     def _adamax(self, g, p, s, lr, step):
         opt = self.optimizer
@@ -261,6 +261,18 @@ def check_supported_options(optimizer):
                 "runs a fixed number of plain optimizer steps from a fresh "
                 f"optimizer state. Received: {name}={value!r}"
             )
+
+
+def _sqrt(x):
+    """`tf.sqrt(x)` for x >= 0, with derivative 0 instead of inf at x = 0.
+
+    Adam's second moment is exactly 0 for a weight that never had a
+    gradient (e.g. an unused class of a prototype head); MAML differentiates
+    through `sqrt(v)`, and inf times the zero gradient flowing there is NaN.
+    The values are those of `tf.sqrt`.
+    """
+    positive = x > 0
+    return tf.where(positive, tf.sqrt(tf.where(positive, x, tf.ones_like(x))), 0.0)
 
 
 def _clip(grads, opt):

@@ -1036,6 +1036,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         return x
 
     def _check_support(self, support_x, support_y):
+        self._check_compiled()
         support_x = self._check_inputs("support_x", support_x)
         self._ensure_built(support_x.shape[1:])
         support_y = tf.convert_to_tensor(support_y)
