@@ -1,10 +1,12 @@
 """keras_reptile: Reptile meta-learning as a first-class Keras 3 model."""
 
+from keras_reptile import algorithms
 from keras_reptile import callbacks
 from keras_reptile import datasets
 from keras_reptile import episodes
 from keras_reptile import evaluation
 from keras_reptile import export
+from keras_reptile import heads
 from keras_reptile import inner_loop
 from keras_reptile import models
 from keras_reptile.reptile_model import ReptileModel
@@ -16,11 +18,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ReptileModel",
+    "algorithms",
     "callbacks",
     "datasets",
     "episodes",
     "evaluation",
     "export",
+    "heads",
     "inner_loop",
     "models",
 ]

@@ -18,12 +18,12 @@ PRIVATE_NAMES = (
     (keras.Model, "_symbolic_build"),
     (keras.Model, "_flatten_layers"),
     (keras.optimizers.Optimizer, "_use_weight_decay"),
+    (tf.distribute.StrategyExtended, "_in_multi_worker_mode"),
 )
 # Attributes set on instances only (checked on a compiled model or a built
 # optimizer by the test).
-MODEL_ATTRIBUTES = ("_compile_loss", "_loss_tracker", "_initial_epoch")
+MODEL_ATTRIBUTES = ("_compile_loss", "_loss_tracker", "_initial_epoch", "train_function")
 OPTIMIZER_ATTRIBUTES = ("_learning_rate",)
-STRATEGY_METHODS = ((tf.distribute.MultiWorkerMirroredStrategy, "_in_multi_worker_mode"),)
 
 
 class BuildBeforeTrace:
@@ -73,6 +73,17 @@ def set_initial_epoch(model, epoch):
 
 def initial_epoch(model):
     return model._initial_epoch
+
+
+def swap_train_function(model, function):
+    """Makes `fit` call `function` for its next steps; returns the old one.
+
+    Keras's `fit` calls `model.train_function(iterator)` once per step (or
+    per `steps_per_execution` steps) after `make_train_function()`.
+    """
+    previous = model.train_function
+    model.train_function = function
+    return previous
 
 
 def raw_learning_rate(optimizer):

@@ -38,6 +38,16 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
+__all__ = [
+    "Adaptation",
+    "MAML",
+    "MetaAlgorithm",
+    "Reptile",
+    "TaskResult",
+    "get",
+    "names",
+]
+
 
 class Adaptation(NamedTuple):
     """One task's adaptation.

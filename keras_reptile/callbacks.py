@@ -32,6 +32,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_reptile import _compat
+
 __all__ = ["BackupAndRestore", "GracefulShutdown", "MetaStepSizeLogger"]
 
 _logger = logging.getLogger(__name__)
@@ -294,7 +296,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._offset.assign(self._iterations() - self._start_iterations)
         # Keras's own mechanism for resuming at an epoch (also used by
         # `keras.callbacks.BackupAndRestore`); reset in `on_train_end`.
-        self.model._initial_epoch = epoch
+        _compat.set_initial_epoch(self.model, epoch)
         self._epoch = epoch
         self._restored_epoch = epoch
         self._restored_batches = batches_done
@@ -327,7 +329,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def on_train_end(self, logs=None):
         self._restore_train_function()
-        self.model._initial_epoch = None
+        _compat.set_initial_epoch(self.model, None)
         self._offset.assign(0)
         if (
             self.delete_checkpoint
@@ -392,12 +394,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 self._restore_train_function()
             return model.get_metrics_result()
 
-        self._train_function = model.train_function
-        model.train_function = restored_step
+        self._train_function = _compat.swap_train_function(model, restored_step)
 
     def _restore_train_function(self):
         if self._train_function is not None:
-            self.model.train_function = self._train_function
+            _compat.swap_train_function(self.model, self._train_function)
             self._train_function = None
 
     def _paths(self, previous=False):

@@ -26,6 +26,8 @@ import tensorflow as tf
 
 from keras_reptile import inner_loop
 
+__all__ = ["PrototypeHead", "get"]
+
 # A logit this low has a softmax probability of 0 in float32 next to any
 # class at a realistic logit, while staying finite (no inf − inf in losses).
 UNUSED_CLASS_BIAS = -1e4

@@ -8,11 +8,13 @@ import keras_reptile
 def test_public_api_is_listed_explicitly():
     assert sorted(keras_reptile.__all__) == [
         "ReptileModel",
+        "algorithms",
         "callbacks",
         "datasets",
         "episodes",
         "evaluation",
         "export",
+        "heads",
         "inner_loop",
         "models",
     ]
@@ -28,12 +30,22 @@ def test_submodule_apis():
     assert sorted(keras_reptile.episodes.__all__) == [
         "from_arrays", "from_dataset", "from_task_fn",
     ]
+    assert sorted(keras_reptile.algorithms.__all__) == [
+        "Adaptation", "MAML", "MetaAlgorithm", "Reptile", "TaskResult", "get", "names",
+    ]
+    assert sorted(keras_reptile.heads.__all__) == ["PrototypeHead", "get"]
     assert sorted(keras_reptile.datasets.__all__) == [
         "Omniglot", "OmniglotDownloadError", "omniglot", "sine", "sine_function",
     ]
 
 
-def test_reptile_model_is_registered_for_serialization():
-    name = keras.saving.get_registered_name(keras_reptile.ReptileModel)
-    assert name == "keras_reptile>ReptileModel"
-    assert keras.saving.get_registered_object(name) is keras_reptile.ReptileModel
+def test_public_classes_are_registered_for_serialization():
+    for cls in (
+        keras_reptile.ReptileModel,
+        keras_reptile.algorithms.Reptile,
+        keras_reptile.algorithms.MAML,
+        keras_reptile.heads.PrototypeHead,
+    ):
+        name = keras.saving.get_registered_name(cls)
+        assert name == f"keras_reptile>{cls.__name__}"
+        assert keras.saving.get_registered_object(name) is cls
