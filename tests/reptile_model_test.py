@@ -158,7 +158,7 @@ def _reference_adaptation(model, theta, slots, iterations, x, y, steps, batch_si
         variable.assign(value)
     opt = keras.optimizers.Adam(0.01, beta_1=0.0)
     opt.build(clone.trainable_variables)
-    for key, optimizer_slots in (("m", opt._momentums), ("v", opt._velocities)):
+    for key, optimizer_slots in _adam_slots(opt).items():
         for slot, value in zip(optimizer_slots, slots[key]):
             slot.assign(value)
     opt.iterations.assign(iterations)
@@ -170,8 +170,26 @@ def _reference_adaptation(model, theta, slots, iterations, x, y, steps, batch_si
         opt.apply_gradients(zip(grads, clone.trainable_variables))
     return (
         [v.numpy() for v in clone.trainable_variables],
-        {"m": [s.numpy() for s in opt._momentums], "v": [s.numpy() for s in opt._velocities]},
+        {k: [s.numpy() for s in v] for k, v in _adam_slots(opt).items()},
     )
+
+
+def _adam_slots(opt):
+    """A built Adam's moment variables, in the order of its variables."""
+    return {
+        "m": [v for v in opt.variables if v.name.endswith("_momentum")],
+        "v": [v for v in opt.variables if v.name.endswith("_velocity")],
+    }
+
+
+def _carried_state(model):
+    """The carried inner state, read from the model's weights by name."""
+    slots = {
+        key: [w for w in model.weights if w.name.startswith(f"inner_{key}_")]
+        for key in ("m", "v")
+    }
+    (iterations,) = [w for w in model.weights if w.name == "inner_iterations"]
+    return slots, iterations
 
 
 def test_carried_inner_optimizer_state_matches_a_reference_loop():
@@ -179,8 +197,8 @@ def test_carried_inner_optimizer_state_matches_a_reference_loop():
     # carried moments and iteration count; then the carried state becomes the
     # mean of the tasks' final moments, 3 iterations later.
     model = _compile(_conv_reptile(carry_inner_optimizer_state=True), lr=0.3)
-    slots, iterations = model._inner_state
-    assert sorted(slots) == ["m", "v"]
+    slots, iterations = _carried_state(model)
+    assert all(len(slots[k]) == len(model.model.trainable_variables) for k in slots)
     theta = [v.numpy() for v in model.model.trainable_variables]
     carried = {k: [np.zeros_like(t) for t in theta] for k in ("m", "v")}
     step = 0
@@ -236,7 +254,7 @@ def test_carried_inner_optimizer_state_is_saved_and_checked(tmp_path):
     for a, b in zip(model.weights, restored.weights):
         assert a.path == b.path
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    assert int(restored._inner_state[1].numpy()) == 6  # 2 meta-steps x 3
+    assert int(_carried_state(restored)[1].numpy()) == 6  # 2 meta-steps x 3
     # The state belongs to these variables: freezing a layer is an error,
     # raised before anything changes.
     restored.model.layers[1].trainable = False
@@ -781,3 +799,57 @@ def test_models_without_a_training_argument_adapt_in_training_mode():
     np.testing.assert_allclose(
         adapted.predict(x, verbose=0), adapted(x, training=True).numpy(), rtol=1e-4, atol=1e-4
     )
+
+
+def test_changed_settings_take_effect_in_every_entry_point():
+    # After a first use traced the steps, changing a setting must give what a
+    # model built with the new value gives (same seed, same weights).
+    task = _single_task()
+    episodes = _episodes(seed=5)
+    changed = _compile(_conv_reptile())
+    changed.evaluate(episodes, steps=2, verbose=0)
+    changed.predict(episodes, steps=1, verbose=0)
+    changed.adapt_and_predict(task["support_x"], task["support_y"], task["query_x"])
+    changed.eval_inner_steps = 1
+    changed.transductive = True
+    fresh = _compile(_conv_reptile(eval_inner_steps=1, transductive=True))
+    assert changed.evaluate(episodes, steps=2, verbose=0) == fresh.evaluate(
+        episodes, steps=2, verbose=0)
+    np.testing.assert_array_equal(
+        changed.predict(episodes, steps=1, verbose=0),
+        fresh.predict(episodes, steps=1, verbose=0))
+    np.testing.assert_array_equal(
+        changed.adapt_and_predict(task["support_x"], task["support_y"], task["query_x"]),
+        fresh.adapt_and_predict(task["support_x"], task["support_y"], task["query_x"]))
+    # ... and differ from the old setting's, so the check is not vacuous.
+    old = _compile(_conv_reptile())
+    assert old.evaluate(episodes, steps=2, verbose=0) != fresh.evaluate(
+        episodes, steps=2, verbose=0)
+
+    # Training: one meta-step with 3 inner steps, then one with 1.
+    changed = _compile(_conv_reptile())
+    changed.fit(_episodes(), steps_per_epoch=1, verbose=0)
+    changed.inner_steps = 1
+    changed.fit(_episodes(), steps_per_epoch=1, verbose=0)
+    reference = _compile(_conv_reptile())
+    reference.fit(_episodes(), steps_per_epoch=1, verbose=0)
+    second = _compile(ReptileModel(
+        reference.model, inner_optimizer=keras.optimizers.Adam(0.01, beta_1=0.0),
+        inner_steps=1, inner_batch_size=4))
+    second.fit(_episodes(), steps_per_epoch=1, verbose=0)
+    for a, b in zip(changed.model.weights, reference.model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_settings_are_validated_when_changed():
+    model = _conv_reptile()
+    with pytest.raises(ValueError, match="Received: eval_inner_steps=0"):
+        model.eval_inner_steps = 0
+    with pytest.raises(TypeError, match="Received: transductive='yes'"):
+        model.transductive = "yes"
+    assert model.eval_inner_steps == 12 and model.transductive is False
+    for name, value in (("parallel_tasks", False), ("carry_inner_optimizer_state", True),
+                        ("algorithm", "maml"), ("head", "prototype")):
+        with pytest.raises(AttributeError, match=f"`{name}` is fixed at construction"):
+            setattr(model, name, value)
+    assert model.parallel_tasks == "auto" and model.head is None
