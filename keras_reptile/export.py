@@ -2,7 +2,7 @@
 
 TF Serving loads a SavedModel and nothing else: no Python, no Keras, no
 `keras_reptile`. `export_saved_model` (also available as
-`ReptileModel.export`) writes one with two signatures:
+`ReptileModel.export`) writes one with three signatures:
 
 * `serving_default`: input `x` `[batch, *input_shape]` (the wrapped
   model's input dtype, usually float32; `batch` may be 0); output
@@ -10,13 +10,24 @@ TF Serving loads a SavedModel and nothing else: no Python, no Keras, no
   mode (what `model.predict(x)` returns), and for classifiers
   `probabilities`.
 * `adapt_and_predict`: inputs `support_x` `[S, *input_shape]`, `support_y`
-  (`[S]` int32 class ids for a `SparseCategoricalCrossentropy` classifier),
-  `query_x` `[Q, *input_shape]` and optional `steps` (scalar int32, default
-  the model's `eval_inner_steps`); outputs `outputs` (and for classifiers
+  (`[S]` int32 class ids for a `SparseCategoricalCrossentropy` classifier)
+  and `query_x` `[Q, *input_shape]`; outputs `outputs` (and for classifiers
   `probabilities`) of the query set after adapting the meta-weights to the
-  support set, computed per request with the same inner loop as
-  `ReptileModel.adapt_and_predict()`. Nothing is written to any variable, so
-  concurrent requests are independent.
+  support set with the model's `eval_inner_steps` steps, computed per
+  request with the same inner loop as `ReptileModel.adapt_and_predict()`.
+* `adapt_and_predict_steps`: the same with a fourth, required input
+  `steps` (scalar int32), the number of adaptation steps.
+
+Nothing is written to any variable, so concurrent requests are independent.
+
+The number of steps has its own signature rather than an optional input
+because only TF Serving fills in a SignatureDef's default values:
+`tf.saved_model.load(path).signatures[...]`, like every concrete function,
+needs all of its inputs. With two signatures every client calls them the
+same way: TF Serving's Predict API (REST and gRPC), `saved_model_cli run`,
+`loaded.signatures["adapt_and_predict"](support_x=..., support_y=...,
+query_x=...)` and `loaded.adapt_and_predict(support_x, support_y,
+query_x)` (and `loaded.adapt_and_predict_steps(..., steps)`).
 
 Classifiers are recognised from the compiled loss: with a
 `SparseCategoricalCrossentropy` or `CategoricalCrossentropy` loss (instance,
@@ -32,23 +43,22 @@ Targets (`support_y`) take the form the compiled loss takes:
 * other losses: float32 `[S, *output_shape]`, or `[S]` when each example
   has a single output (e.g. `keras_reptile.datasets.sine`).
 
-`steps` is optional through the `defaults` field of the SignatureDef: the
-exported graph feeds `eval_inner_steps` when a request has no `steps`. TF
-Serving (its Predict API, REST and gRPC), `saved_model_cli run` and
-session-based loaders honour it. In Python, `tf.saved_model.load(path)`
-gives two ways to call the endpoint: `loaded.adapt_and_predict(support_x,
-support_y, query_x)` (a function with `steps` as an optional argument) and
-`loaded.signatures["adapt_and_predict"](...)`, which, like every concrete
-function, needs all inputs, `steps` included.
+Every request is bounded, so that no request can hold a server for hours:
+`steps` is at most `max_steps` (by default 10 times `eval_inner_steps`),
+the support set at most `max_support` rows (by default 1,000) and the query
+set at most `max_query` rows (by default 10,000). The exporter sets them
+(`None` lifts a bound); they are fixed in the exported graph.
 
 The signatures declare their inputs with unknown shapes and check them in
 the graph, so every malformed request (wrong rank or example shape,
 `support_y` not matching `support_x`, labels outside `0..ways-1`, an empty
-support or query set, `steps < 1`) fails with an `InvalidArgumentError`
-whose message states what was expected, whatever the client: TF Serving
-feeds request tensors as they come (it checks input names and dtypes, not
-shapes), and a statically shaped signature would make Python callers hit a
-`TypeError` from argument binding instead. The expected shapes are documented above and in the error
+or too large support or query set, `steps` outside `1..max_steps`, NaN or
+Inf in `x`, `support_x`, `query_x` or float targets) fails with an
+`InvalidArgumentError` whose message names the input and states what was
+expected, whatever the client: TF Serving feeds request tensors as they
+come (it checks input names and dtypes, not shapes), and a statically
+shaped signature would make Python callers hit a `TypeError` from argument
+binding instead. The expected shapes are documented above and in the error
 messages.
 
 Example:
@@ -58,16 +68,22 @@ model.export(keras_reptile.export.next_version_path("saved_models/omniglot"))
 ```
 
 ```shell
-tensorflow_model_server --model_name=omniglot \\
-    --model_base_path=$PWD/saved_models/omniglot --rest_api_port=8501
+docker run -p 8501:8501 \\
+    -v "$PWD/saved_models/omniglot:/models/omniglot" \\
+    -e MODEL_NAME=omniglot tensorflow/serving
 curl -d '{"signature_name": "adapt_and_predict", "inputs": {
           "support_x": [...], "support_y": [...], "query_x": [...]}}' \\
     localhost:8501/v1/models/omniglot:predict
+curl -d '{"signature_name": "adapt_and_predict_steps", "inputs": {
+          "support_x": [...], "support_y": [...], "query_x": [...],
+          "steps": 20}}' \\
+    localhost:8501/v1/models/omniglot:predict
 ```
+
+`examples/serving/` has REST and gRPC clients that build these requests.
 """
 
 import logging
-import numbers
 import os
 import sys
 import uuid
@@ -80,6 +96,10 @@ from keras_reptile._validation import check_positive_int
 
 __all__ = [
     "ADAPT_SIGNATURE",
+    "ADAPT_STEPS_SIGNATURE",
+    "DEFAULT_MAX_QUERY",
+    "DEFAULT_MAX_STEPS_FACTOR",
+    "DEFAULT_MAX_SUPPORT",
     "SERVING_SIGNATURE",
     "export_saved_model",
     "next_version_path",
@@ -87,6 +107,14 @@ __all__ = [
 
 SERVING_SIGNATURE = "serving_default"
 ADAPT_SIGNATURE = "adapt_and_predict"
+ADAPT_STEPS_SIGNATURE = "adapt_and_predict_steps"
+
+# Defaults of the request bounds, generous for few-shot tasks (a 20-way
+# 50-shot support set has 1,000 rows) and small enough that one request
+# takes seconds to minutes on a CPU, not hours.
+DEFAULT_MAX_STEPS_FACTOR = 10
+DEFAULT_MAX_SUPPORT = 1_000
+DEFAULT_MAX_QUERY = 10_000
 
 _logger = logging.getLogger(__name__)
 
@@ -97,16 +125,23 @@ def export_saved_model(
     *,
     verbose=True,
     input_signature=None,
-    max_steps=None,
+    max_steps="auto",
+    max_support="auto",
+    max_query="auto",
     overwrite=False,
 ):
     """Writes a `ReptileModel` as a SavedModel for TF Serving.
 
     The SavedModel has the signatures `serving_default` (predictions of the
-    meta-weights) and `adapt_and_predict` (few-shot adaptation to a support
-    set and predictions on a query set, per request); see the module
-    docstring for their inputs and outputs. It needs only TensorFlow to load
-    and run.
+    meta-weights), `adapt_and_predict` (few-shot adaptation to a support set
+    with `eval_inner_steps` steps and predictions on a query set, per
+    request) and `adapt_and_predict_steps` (the same with a required `steps`
+    input); see the module docstring for their inputs and outputs. It needs
+    only TensorFlow to load and run.
+
+    Requests are bounded by `max_steps`, `max_support` and `max_query`:
+    larger ones fail with an `InvalidArgumentError` before any computation,
+    so no request can keep a server busy for hours.
 
     The SavedModel is written to a temporary sibling directory and then
     renamed to `filepath`, so a TF Serving instance watching the parent
@@ -125,9 +160,17 @@ def export_saved_model(
             `keras.InputSpec` or `keras.KerasTensor` with a leading batch
             dimension, or a list holding one. Needed only when the wrapped
             model has no `inputs` (a subclassed model).
-        max_steps: Optional upper bound on the `steps` a request may ask
-            for; larger values are rejected with an `InvalidArgumentError`.
+        max_steps: The largest `steps` a request to
+            `adapt_and_predict_steps` may ask for, at least
+            `eval_inner_steps`. `"auto"` (the default) is
+            `DEFAULT_MAX_STEPS_FACTOR` (10) times `eval_inner_steps`;
             `None` sets no bound.
+        max_support: The most rows a request's `support_x` may have.
+            `"auto"` (the default) is `DEFAULT_MAX_SUPPORT` (1,000); `None`
+            sets no bound.
+        max_query: The most rows a request's `query_x` may have. `"auto"`
+            (the default) is `DEFAULT_MAX_QUERY` (10,000); `None` sets no
+            bound.
         overwrite: Whether to replace an existing non-empty `filepath`.
 
     Returns:
@@ -135,9 +178,9 @@ def export_saved_model(
 
     Raises:
         ValueError: If the model is not compiled with a loss or not built,
-            has several inputs or outputs, `input_signature` or `max_steps`
-            is invalid, or `filepath` exists, is not empty and `overwrite`
-            is `False`.
+            has several inputs or outputs, `input_signature`, `max_steps`,
+            `max_support` or `max_query` is invalid, or `filepath` exists,
+            is not empty and `overwrite` is `False`.
         TypeError: If `model` is not a `ReptileModel`.
 
     Example:
@@ -149,10 +192,12 @@ def export_saved_model(
     # Anywhere with TensorFlow (no Keras or keras_reptile needed):
     served = tf.saved_model.load(path)
     probabilities = served.signatures["serving_default"](x=x)["probabilities"]
-    outputs = served.adapt_and_predict(support_x, support_y, query_x)["outputs"]
     outputs = served.signatures["adapt_and_predict"](
+        support_x=support_x, support_y=support_y, query_x=query_x)["outputs"]
+    outputs = served.signatures["adapt_and_predict_steps"](
         support_x=support_x, support_y=support_y, query_x=query_x,
         steps=tf.constant(10))["outputs"]
+    outputs = served.adapt_and_predict(support_x, support_y, query_x)["outputs"]
     ```
     """
     if not (
@@ -173,15 +218,18 @@ def export_saved_model(
             "The model has not been built yet. Train it, or call "
             "`build(input_shape)`, before exporting."
         )
-    if max_steps is not None:
-        check_positive_int("max_steps", max_steps)
-        max_steps = int(max_steps)
-        if max_steps < model.eval_inner_steps:
-            raise ValueError(
-                "Expected `max_steps` to be at least the default number of "
-                f"steps, `eval_inner_steps`={model.eval_inner_steps}. "
-                f"Received: max_steps={max_steps}"
-            )
+    eval_steps = model.eval_inner_steps
+    max_steps = _bound(
+        "max_steps", max_steps, DEFAULT_MAX_STEPS_FACTOR * eval_steps
+    )
+    if max_steps is not None and max_steps < eval_steps:
+        raise ValueError(
+            "Expected `max_steps` to be at least the default number of "
+            f"steps, `eval_inner_steps`={eval_steps}. "
+            f"Received: max_steps={max_steps}"
+        )
+    max_support = _bound("max_support", max_support, DEFAULT_MAX_SUPPORT)
+    max_query = _bound("max_query", max_query, DEFAULT_MAX_QUERY)
     example_shape, x_dtype = _example_spec(net, input_signature)
     output_shape = _output_shape(net, example_shape, x_dtype)
     loss_kind, from_logits = _loss_kind(model.loss)
@@ -209,19 +257,25 @@ def export_saved_model(
         x = _as_model_input(checks.guard(x), example_shape)
         return outputs_dict(net(x, training=False))
 
-    def adapt_and_predict(
-        support_x,
-        support_y,
-        query_x,
-        steps=tf.constant(model.eval_inner_steps, tf.int32),
-    ):
+    def adapt(support_x, support_y, query_x, steps=None):
         checks = _Checks()
-        support_x = checks.examples("support_x", support_x, example_shape)
+        support_x = checks.examples(
+            "support_x", support_x, example_shape, max_rows=max_support,
+            bound_name="max_support",
+        )
         support_y = checks.targets(
             support_y, support_x, loss_kind, output_shape
         )
-        query_x = checks.examples("query_x", query_x, example_shape)
-        steps = checks.steps(steps, max_steps)
+        query_x = checks.examples(
+            "query_x", query_x, example_shape, max_rows=max_query,
+            bound_name="max_query",
+        )
+        if steps is None:
+            # A tensor, not a Python int: the same `while` loop as for any
+            # other number of steps (and as `ReptileModel.adapt_and_predict`).
+            steps = tf.constant(eval_steps, tf.int32)
+        else:
+            steps = checks.steps(steps, max_steps)
         support_x, support_y, query_x, steps = (
             checks.guard(t) for t in (support_x, support_y, query_x, steps)
         )
@@ -236,37 +290,67 @@ def export_saved_model(
             model.call_adapted(support_x, support_y, query_x, steps)
         )
 
+    def adapt_and_predict(support_x, support_y, query_x):
+        return adapt(support_x, support_y, query_x)
+
+    def adapt_and_predict_steps(support_x, support_y, query_x, steps):
+        return adapt(support_x, support_y, query_x, steps)
+
+    adapt_specs = [
+        tf.TensorSpec(None, x_dtype, name="support_x"),
+        tf.TensorSpec(None, y_spec.dtype, name="support_y"),
+        tf.TensorSpec(None, x_dtype, name="query_x"),
+    ]
     archive = keras.export.ExportArchive()
     archive.track(net)
     archive.add_endpoint(
         SERVING_SIGNATURE, serve, [tf.TensorSpec(None, x_dtype, name="x")]
     )
+    archive.add_endpoint(ADAPT_SIGNATURE, adapt_and_predict, adapt_specs)
     archive.add_endpoint(
-        ADAPT_SIGNATURE,
-        adapt_and_predict,
-        [
-            tf.TensorSpec(None, x_dtype, name="support_x"),
-            tf.TensorSpec(None, y_spec.dtype, name="support_y"),
-            tf.TensorSpec(None, x_dtype, name="query_x"),
-            tf.TensorSpec(None, tf.int32, name="steps"),
-        ],
+        ADAPT_STEPS_SIGNATURE,
+        adapt_and_predict_steps,
+        adapt_specs + [tf.TensorSpec(None, tf.int32, name="steps")],
     )
     filepath = _write_atomically(archive, os.fspath(filepath), overwrite)
     if verbose:
+        adapt_inputs = (
+            f"support_x {_describe(example_shape, x_dtype, 'S')}, "
+            f"support_y {_describe(y_spec.shape[1:], y_spec.dtype, 'S')}, "
+            f"query_x {_describe(example_shape, x_dtype, 'Q')}"
+        )
+        adapt_outputs = _describe_outputs(loss_kind, output_shape, "Q")
+        bounds = (
+            f"S {_at_most(max_support, 'max_support')}, "
+            f"Q {_at_most(max_query, 'max_query')}"
+        )
         _report(
             f"Saved SavedModel for TF Serving at '{filepath}'. Signatures:\n"
             f"  '{SERVING_SIGNATURE}': x {_describe(example_shape, x_dtype)} "
             f"-> {_describe_outputs(loss_kind, output_shape)} at the "
             "meta-weights\n"
-            f"  '{ADAPT_SIGNATURE}': support_x "
-            f"{_describe(example_shape, x_dtype, 'S')}, support_y "
-            f"{_describe(y_spec.shape[1:], y_spec.dtype, 'S')}, query_x "
-            f"{_describe(example_shape, x_dtype, 'Q')}, steps int32 scalar "
-            f"(optional, default {model.eval_inner_steps}) -> "
-            f"{_describe_outputs(loss_kind, output_shape, 'Q')} after "
-            "adaptation"
+            f"  '{ADAPT_SIGNATURE}': {adapt_inputs} -> {adapt_outputs} after "
+            f"{eval_steps} adaptation steps; {bounds}\n"
+            f"  '{ADAPT_STEPS_SIGNATURE}': {adapt_inputs}, steps int32 "
+            f"scalar -> {adapt_outputs} after `steps` adaptation steps; "
+            f"{bounds}, steps {_at_most(max_steps, 'max_steps')}"
         )
     return filepath
+
+
+def _bound(name, value, default):
+    """Resolves a request bound: `"auto"`, `None` (no bound) or a count."""
+    if isinstance(value, str) and value == "auto":
+        return default
+    if value is None:
+        return None
+    try:
+        return check_positive_int(name, value)
+    except ValueError:
+        raise ValueError(
+            f"Expected `{name}` to be a positive integer, 'auto' or None (no "
+            f"bound). Received: {name}={value!r}"
+        ) from None
 
 
 def next_version_path(model_dir):
@@ -327,7 +411,10 @@ class _Checks:
         with tf.control_dependencies(self._deps):
             return tf.identity(tensor)
 
-    def examples(self, name, x, example_shape, allow_empty=False):
+    def examples(
+        self, name, x, example_shape, allow_empty=False, max_rows=None,
+        bound_name=None,
+    ):
         expected = ", ".join(["rows"] + [str(d) for d in example_shape])
         self.check(
             lambda: _has_shape(x, (None,) + example_shape),
@@ -342,7 +429,28 @@ class _Checks:
                 f"Received: {name}.shape={{}}",
                 [tf.shape(x)],
             )
+        if max_rows is not None:
+            self.check(
+                lambda: tf.shape(x)[0] <= max_rows,
+                f"Expected `{name}` with at most {max_rows} rows (the "
+                f"`{bound_name}` of this export). Received: "
+                f"{name}.shape={{}}",
+                [tf.shape(x)],
+            )
+        self.finite(name, x)
         return x
+
+    def finite(self, name, x):
+        # Without it NaN/Inf inputs come back as NaN outputs, with no hint
+        # which input was at fault.
+        if not x.dtype.is_floating:
+            return
+        self.check(
+            lambda: tf.reduce_all(tf.math.is_finite(x)),
+            f"Expected `{name}` to hold only finite values. Received: "
+            f"{name} with {{}} NaN or Inf values.",
+            [tf.math.count_nonzero(tf.logical_not(tf.math.is_finite(x)))],
+        )
 
     def targets(self, y, support_x, loss_kind, output_shape):
         if loss_kind == "sparse":
@@ -379,6 +487,7 @@ class _Checks:
                 f"has {ways} outputs). Received labels from {{}} to {{}}.",
                 [tf.reduce_min(y), tf.reduce_max(y)],
             )
+        self.finite("support_y", y)
         return y
 
     def steps(self, steps, max_steps):
@@ -529,6 +638,13 @@ def _exists_error(filepath):
 def _describe(shape, dtype, rows="batch"):
     dims = ", ".join([rows] + [str(d) for d in shape])
     return f"{tf.as_dtype(dtype).name} [{dims}]"
+
+
+def _at_most(bound, name):
+    if bound is None:
+        # Said out loud: an unbounded export is a choice to double-check.
+        return f"unbounded ({name}=None)"
+    return f"<= {bound} ({name})"
 
 
 def _describe_outputs(loss_kind, output_shape, rows="batch"):
