@@ -13,6 +13,9 @@ from keras_reptile import export as export_lib
 from keras_reptile import heads
 from keras_reptile import inner_loop
 from keras_reptile._losses import loss_kind
+from keras_reptile._validation import check_class_labels
+from keras_reptile._validation import check_finite_rows
+from keras_reptile._validation import check_numeric
 from keras_reptile._validation import check_positive_int
 
 EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
@@ -397,11 +400,13 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         validation = _episode_element(bound.arguments.get("validation_data"))
         self._check_replica_split(_meta_batch_size(validation))
         self._prepare_step("train", bound.arguments.get("x"))
+        self._check_training_data(bound.arguments.get("x"), validation)
         return super().fit(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         bound = inspect.signature(keras.Model.evaluate).bind(self, *args, **kwargs)
         self._prepare_step("test", bound.arguments.get("x"))
+        self._check_episode_data("x", bound.arguments.get("x"))
         return super().evaluate(*args, **kwargs)
 
     def predict(self, *args, **kwargs):
@@ -411,10 +416,12 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
 
     def train_on_batch(self, x, *args, **kwargs):
         self._prepare_step("train", x, is_batch=True)
+        self._check_training_data(x, is_batch=True)
         return super().train_on_batch(x, *args, **kwargs)
 
     def test_on_batch(self, x, *args, **kwargs):
         self._prepare_step("test", x, is_batch=True)
+        self._check_episode_data("x", x, is_batch=True)
         return super().test_on_batch(x, *args, **kwargs)
 
     def predict_on_batch(self, x):
@@ -1061,6 +1068,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
                 f"Expected `{name}` of shape [rows, {', '.join(map(str, expected))}]. "
                 f"Received: {name}.shape={tuple(x.shape)}"
             )
+        check_finite_rows(name, x.numpy())
         return x
 
     def _check_support(self, support_x, support_y):
@@ -1076,20 +1084,99 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
                 f"Received: support_x.shape={tuple(support_x.shape)}, "
                 f"support_y.shape={tuple(support_y.shape)}"
             )
-        if loss_kind(self.loss)[0] == "sparse":
-            # `compute_output_spec` also works for subclassed models without
-            # `compute_output_shape`.
-            num_outputs = self.model.compute_output_spec(
-                keras.KerasTensor((None,) + tuple(support_x.shape[1:]), support_x.dtype.name)
-            ).shape[-1]
-            labels = support_y.numpy()
-            if num_outputs and (labels.min() < 0 or labels.max() >= num_outputs):
-                raise ValueError(
-                    f"Expected `support_y` labels in [0, {num_outputs - 1}] "
-                    f"(the model has {num_outputs} outputs). Received labels "
-                    f"from {labels.min()} to {labels.max()}."
-                )
+        check_numeric("`support_y`", support_y.dtype)
+        output_shape = self._output_shape(support_x.shape[1:], support_x.dtype)
+        kind = loss_kind(self.loss)[0]
+        if kind == "sparse":
+            if output_shape and output_shape[-1]:
+                check_class_labels(support_y.numpy(), output_shape[-1], "support_y")
+        else:
+            _check_target_shape(
+                "`support_y`", "support_y.shape", support_y.shape, 1, output_shape, kind
+            )
+            check_finite_rows("support_y", support_y.numpy())
         return support_x, support_y
+
+    def _output_shape(self, example_shape, dtype):
+        """The wrapped model's output shape for one example, e.g. `(5,)`."""
+        # `compute_output_spec` also works for subclassed models without
+        # `compute_output_shape`.
+        spec = self.model.compute_output_spec(
+            keras.KerasTensor((None,) + tuple(example_shape), tf.as_dtype(dtype).name)
+        )
+        return tuple(spec.shape[1:])
+
+    def _check_trainable(self):
+        # Without trainable weights every meta-step would report a loss and
+        # change nothing. An unbuilt model has no weights yet; `fit` builds
+        # it first whenever the episodes' shapes are known.
+        if self.model.built and not self.model.trainable_variables:
+            raise ValueError(
+                "Expected the wrapped model to have trainable weights: there is "
+                "nothing to meta-train. Received a model with no trainable "
+                f"weights ({len(self.model.non_trainable_variables)} "
+                "non-trainable). Set `trainable = True` on the layers to "
+                "meta-train; `evaluate()`, `adapt()` and `predict()` need no "
+                "trainable weights."
+            )
+
+    def _check_training_data(self, x, validation_data=None, is_batch=False):
+        self._check_episode_data("x", x, is_batch)
+        self._check_trainable()
+        if validation_data is not None:
+            self._check_episode_data("validation_data", validation_data)
+
+    def _check_episode_data(self, source, data, is_batch=False):
+        """Checks the episodes a `fit`/`evaluate` call will read, up front.
+
+        Target dtypes and shapes come from a dataset's `element_spec` (or the
+        arrays of an in-memory batch). For a sparse loss the labels of the
+        dataset's first element are read too: a label beyond the model's
+        outputs fails inside the step as a bare `InvalidArgumentError`, and
+        in `validation_data` only after a whole epoch of training. Later
+        elements are not read, so a label out of range there still fails
+        inside the step.
+        """
+        is_dataset = isinstance(data, tf.data.Dataset)
+        spec = _episode_element(data.element_spec if is_dataset else data)
+        if not (is_dataset or is_batch or isinstance(spec, dict)):
+            return
+        if not isinstance(spec, dict) or any(k not in spec for k in EPISODE_KEYS):
+            return  # `_unpack_episodes` names what is wrong with the element.
+        self._check_compiled()
+        support_shape = _shape_of(spec["support_x"])
+        if support_shape.rank is None or support_shape.rank < 3:
+            return
+        example_shape = support_shape[2:]
+        if not example_shape.is_fully_defined():
+            return
+        if not self.model.built:
+            with self.distribute_strategy.scope():
+                self._ensure_built(tuple(example_shape))
+        x_dtype = _dtype_of(spec["support_x"])
+        if not x_dtype.is_floating:
+            x_dtype = tf.float32
+        output_shape = self._output_shape(tuple(example_shape), x_dtype)
+        kind = loss_kind(self.loss)[0]
+        for name in ("support_y", "query_y"):
+            where = f"`{source}` `{name}`"
+            check_numeric(where, _dtype_of(spec[name]))
+            if kind != "sparse":
+                _check_target_shape(
+                    where, "shape", _shape_of(spec[name]), 2, output_shape, kind
+                )
+        if kind != "sparse" or not (output_shape and output_shape[-1]):
+            return
+        element = _first_element(data) if is_dataset else spec
+        if element is None:
+            return
+        for name in ("support_y", "query_y"):
+            check_class_labels(
+                keras.ops.convert_to_numpy(element[name]),
+                output_shape[-1],
+                name,
+                source,
+            )
 
     def _check_steps(self, steps):
         if steps is None:
@@ -1167,6 +1254,61 @@ def _raise_uneven_split(sizes):
 
 def _is_float(x):
     return x.dtype.is_floating
+
+
+def _shape_of(value):
+    if not hasattr(value, "shape"):
+        value = tf.convert_to_tensor(value)
+    return tf.TensorShape(value.shape)
+
+
+def _dtype_of(value):
+    if not hasattr(value, "dtype"):
+        value = tf.convert_to_tensor(value)
+    return tf.as_dtype(value.dtype)
+
+
+def _first_element(dataset):
+    """The episode dict of a dataset's first element, or None if it is empty."""
+    for element in dataset.take(1):
+        return _episode_element(element)
+    return None
+
+
+def _check_target_shape(name, label, shape, leading, output_shape, kind):
+    """Raises unless targets are `[*rows, *output_shape]` (or `[*rows]` for one output).
+
+    The expectations of the exported `adapt_and_predict` signature: a loss
+    would otherwise broadcast mismatched targets, e.g. train a one-output
+    model on the mean of two target columns.
+
+    Args:
+        name: How the message names the targets, e.g. "`support_y`".
+        label: How it names their shape, e.g. "support_y.shape".
+        shape: The targets' `tf.TensorShape`.
+        leading: Number of leading axes before the per-example shape: 1 for
+            `[rows, ...]`, 2 for episodes `[meta_batch, rows, ...]`.
+        output_shape: The model's output shape for one example.
+        kind: `loss_kind`'s kind: "categorical" or None.
+    """
+    if shape.rank is None:
+        return
+    allowed = [tuple(output_shape)]
+    if kind is None and tuple(output_shape) == (1,):
+        allowed.append(())
+    received = tuple(shape)
+    if len(received) >= leading and any(
+        _shape_matches(received[leading:], a) for a in allowed
+    ):
+        return
+    def describe(suffix, rows=("meta_batch", "rows")[-leading:]):
+        return "[" + ", ".join(list(rows) + [str(d) for d in suffix]) + "]"
+
+    expected = " or ".join(describe(a) for a in allowed)
+    raise ValueError(
+        f"Expected {name} of shape {expected}, matching the model's outputs "
+        f"{describe(output_shape, ['rows'])}. Received: {label}={received}"
+    )
 
 
 def _shape_matches(shape, expected):

@@ -1,0 +1,305 @@
+"""`ReptileModel`: bad inputs are clear errors before any work (issue #13).
+
+Every case checks that the meta-weights are unchanged after the error.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_reptile
+from keras_reptile import ReptileModel
+
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _conv(num_classes=3, **kwargs):
+    keras.utils.set_random_seed(0)
+    backbone = keras_reptile.models.conv4(
+        (8, 8, 1), num_classes=num_classes, filters=4, num_blocks=2
+    )
+    model = ReptileModel(
+        backbone, inner_steps=1, inner_batch_size=4, eval_inner_steps=1, **kwargs
+    )
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=SCCE)
+    return model
+
+
+def _regression(units=1):
+    keras.utils.set_random_seed(0)
+    backbone = keras.Sequential([keras.Input((3,)), keras.layers.Dense(units)])
+    model = ReptileModel(backbone, inner_steps=1, inner_batch_size=4, eval_inner_steps=1)
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    return model
+
+
+def _images(num_classes=6, per_class=4):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(num_classes), per_class).astype("int32")
+    x = rng.normal(size=(len(y), 8, 8, 1)).astype("float32")
+    return x, y
+
+
+def _episodes(ways, meta_batch_size=2):
+    x, y = _images()
+    return keras_reptile.episodes.from_arrays(
+        x, y, ways=ways, shots=1, query_shots=1, meta_batch_size=meta_batch_size, seed=0
+    )
+
+
+def _weights(model):
+    return [w.numpy() for w in model.weights]
+
+
+def _assert_unchanged(model, before):
+    after = _weights(model)
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# 5. Fractional labels for a sparse loss
+
+
+def test_fractional_sparse_labels_are_an_error_and_whole_floats_are_accepted():
+    model = _conv()
+    x, _ = _images()
+    before = _weights(model)
+    with pytest.raises(
+        ValueError,
+        match=r"Expected whole-number class ids in `support_y` for a sparse "
+        r"classification loss .*Received: support_y\[0\]=0.9 among 1 non-integer",
+    ):
+        model.adapt(x[:3], np.array([0.9, 1.0, 2.0], "float32"))
+    with pytest.raises(ValueError, match=r"Received: support_y\[1\]=1.99 among 2 "):
+        model.adapt_and_predict(
+            x[:3], np.array([0.0, 1.99, 0.5], "float32"), x[3:5]
+        )
+    with pytest.raises(ValueError, match=r"Received: support_y\[2\]=nan"):
+        model.adapt(x[:3], np.array([0.0, 1.0, np.nan], "float32"))
+    _assert_unchanged(model, before)
+    # Whole-number floats are class ids.
+    outputs = model.adapt_and_predict(x[:3], np.array([0.0, 1.0, 2.0], "float32"), x[3:5])
+    assert outputs.shape == (2, 3)
+    assert model.adapt(x[:3], np.array([[0.0], [1.0], [2.0]])).built
+    _assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------
+# 6. Regression targets that do not match the model's outputs
+
+
+def test_regression_targets_must_match_the_output_shape():
+    model = _regression(units=1)
+    x = np.ones((4, 3), "float32")
+    before = _weights(model)
+    with pytest.raises(
+        ValueError,
+        match=r"Expected `support_y` of shape \[rows, 1\] or \[rows\], matching "
+        r"the model's outputs \[rows, 1\]. Received: support_y.shape=\(4, 2\)",
+    ):
+        model.adapt(x, np.zeros((4, 2), "float32"))
+    with pytest.raises(ValueError, match=r"Received: support_y.shape=\(4, 1, 1\)"):
+        model.adapt_and_predict(x, np.zeros((4, 1, 1), "float32"), x)
+    _assert_unchanged(model, before)
+    for y in (np.zeros((4,), "float32"), np.zeros((4, 1), "float32")):
+        assert model.adapt_and_predict(x, y, x).shape == (4, 1)
+
+    two = _regression(units=2)
+    before = _weights(two)
+    # [S] would be broadcast to both outputs.
+    with pytest.raises(
+        ValueError,
+        match=r"Expected `support_y` of shape \[rows, 2\], matching the model's "
+        r"outputs \[rows, 2\]. Received: support_y.shape=\(4,\)",
+    ):
+        two.adapt(x, np.zeros((4,), "float32"))
+    _assert_unchanged(two, before)
+    assert two.adapt_and_predict(x, np.zeros((4, 2), "float32"), x).shape == (4, 2)
+
+
+def test_regression_episodes_must_match_the_output_shape_before_training():
+    model = _regression(units=1)
+    before = _weights(model)
+    episode = {
+        "support_x": np.ones((2, 4, 3), "float32"),
+        "support_y": np.zeros((2, 4), "float32"),
+        "query_x": np.ones((2, 2, 3), "float32"),
+        "query_y": np.zeros((2, 2, 2), "float32"),
+    }
+    tasks = tf.data.Dataset.from_tensors(episode).repeat()
+    message = (
+        r"Expected `x` `query_y` of shape \[meta_batch, rows, 1\] or "
+        r"\[meta_batch, rows\], matching the model's outputs \[rows, 1\]. "
+        r"Received: shape=\(2, 2, 2\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        model.fit(tasks, steps_per_epoch=1, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.train_on_batch(episode)
+    with pytest.raises(ValueError, match=message):
+        model.evaluate(tasks, steps=1, verbose=0)
+    _assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------
+# 7. NaN or Inf in the support or query set
+
+
+def test_non_finite_support_or_query_inputs_are_an_error():
+    model = _conv()
+    x, y = _images()
+    bad = x[:6].copy()
+    bad[1, 0, 0, 0] = np.nan
+    bad[4, 3, 2, 0] = np.inf
+    before = _weights(model)
+    message = (
+        r"Expected `{}` to contain only finite values. Received: non-finite "
+        r"values \(NaN or Inf\) in 2 examples, at rows \[1, 4\]"
+    )
+    with pytest.raises(ValueError, match=message.format("support_x")):
+        model.adapt(bad, y[:6] % 3)
+    with pytest.raises(ValueError, match=message.format("support_x")):
+        model.adapt_and_predict(bad, y[:6] % 3, x[:2])
+    with pytest.raises(ValueError, match=message.format("query_x")):
+        model.adapt_and_predict(x[:6], y[:6] % 3, bad)
+    _assert_unchanged(model, before)
+
+
+def test_non_finite_regression_targets_are_an_error():
+    model = _regression()
+    x = np.ones((4, 3), "float32")
+    before = _weights(model)
+    with pytest.raises(ValueError, match=r"`support_y` to contain only finite .* rows \[2\]"):
+        model.adapt(x, np.array([0.0, 1.0, np.inf, 2.0], "float32"))
+    _assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------
+# 8. Nothing to meta-train
+
+
+def test_a_model_without_trainable_weights_cannot_be_meta_trained():
+    model = _conv()
+    model.model.trainable = False
+    before = _weights(model)
+    tasks = _episodes(ways=3)
+    message = (
+        r"Expected the wrapped model to have trainable weights: there is "
+        r"nothing to meta-train. Received a model with no trainable weights"
+    )
+    with pytest.raises(ValueError, match=message):
+        model.fit(tasks, steps_per_epoch=1, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.train_on_batch(next(iter(tasks)))
+    _assert_unchanged(model, before)
+    # Evaluation and adaptation of a frozen model still work.
+    model.evaluate(tasks, steps=1, verbose=0)
+    x, y = _images()
+    assert model.adapt_and_predict(x[:3], y[:3] % 3, x[:2]).shape == (2, 3)
+    _assert_unchanged(model, before)
+
+
+def test_an_unbuilt_frozen_model_is_built_and_refused_before_training():
+    backbone = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)])
+    backbone.trainable = False
+    model = ReptileModel(backbone, inner_steps=1, inner_batch_size=4)
+    model.compile(optimizer="sgd", loss=SCCE)
+    with pytest.raises(ValueError, match="nothing to meta-train"):
+        model.fit(_episodes(ways=3), steps_per_epoch=1, verbose=0)
+    assert backbone.built
+    before = _weights(model)
+    with pytest.raises(ValueError, match="nothing to meta-train"):
+        model.fit(_episodes(ways=3), steps_per_epoch=1, verbose=0)
+    _assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------
+# 9. Episode labels beyond the model's outputs
+
+
+def test_episode_labels_beyond_the_outputs_are_an_error_before_training():
+    model = _conv(num_classes=3)
+    before = _weights(model)
+    five_way = _episodes(ways=5)
+    with pytest.raises(
+        ValueError,
+        match=r"Expected episode labels in \[0, 2\] \(the model has 3 outputs\). "
+        r"Received labels from 0 to 4 in `x` `support_y`.",
+    ):
+        model.fit(five_way, steps_per_epoch=1, verbose=0)
+    with pytest.raises(ValueError, match=r"labels from 0 to 4 in `x` `support_y`"):
+        model.evaluate(five_way, steps=1, verbose=0)
+    _assert_unchanged(model, before)
+
+
+def test_validation_data_with_more_ways_fails_before_the_first_epoch():
+    model = _conv(num_classes=3)
+    before = _weights(model)
+    with pytest.raises(
+        ValueError,
+        match=r"Expected episode labels in \[0, 2\] \(the model has 3 outputs\). "
+        r"Received labels from 0 to 4 in `validation_data` `support_y`.",
+    ):
+        model.fit(
+            _episodes(ways=3), steps_per_epoch=2, validation_data=_episodes(ways=5),
+            validation_steps=1, verbose=0,
+        )
+    _assert_unchanged(model, before)
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_in_memory_episode_batches_are_checked():
+    model = _conv(num_classes=3)
+    before = _weights(model)
+    episode = {k: v.numpy() for k, v in next(iter(_episodes(ways=3))).items()}
+    episode["query_y"] = episode["query_y"].copy()
+    episode["query_y"][1, 2] = 7
+    message = r"Received labels from 0 to 7 in `x` `query_y`."
+    with pytest.raises(ValueError, match=message):
+        model.train_on_batch(episode)
+    with pytest.raises(ValueError, match=message):
+        model.test_on_batch(episode)
+    episode["query_y"] = episode["query_y"].astype("float32")
+    episode["query_y"][1, 2] = 0.5
+    with pytest.raises(ValueError, match=r"whole-number class ids in `x` `query_y`.*"
+                       r"query_y\[1, 2\]=0.5"):
+        model.train_on_batch(episode)
+    _assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------
+# 10. Labels that are not numbers
+
+
+@pytest.mark.parametrize("make_model", [_conv, _regression], ids=["sparse", "regression"])
+def test_string_labels_are_a_type_error_naming_the_dtype(make_model):
+    model = make_model()
+    shape = model.model.inputs[0].shape[1:]
+    x = np.zeros((3,) + tuple(shape), "float32")
+    before = _weights(model)
+    message = (
+        r"Expected numeric labels in `support_y` \(class ids or regression "
+        r"targets\). Received labels of dtype string."
+    )
+    with pytest.raises(TypeError, match=message):
+        model.adapt(x, np.array(["a", "b", "c"]))
+    with pytest.raises(TypeError, match=message):
+        model.adapt_and_predict(x, [b"a", b"b", b"c"], x)
+    _assert_unchanged(model, before)
+
+
+def test_string_episode_labels_are_a_type_error_before_training():
+    model = _conv()
+    before = _weights(model)
+    episode = {k: v.numpy() for k, v in next(iter(_episodes(ways=3))).items()}
+    episode["support_y"] = episode["support_y"].astype(str)
+    with pytest.raises(
+        TypeError,
+        match=r"Expected numeric labels in `x` `support_y` .*dtype string.",
+    ):
+        model.fit(tf.data.Dataset.from_tensors(episode).repeat(), steps_per_epoch=1,
+                  verbose=0)
+    _assert_unchanged(model, before)
