@@ -40,6 +40,7 @@ except ImportError as e:
         f"(Import failed with: {e})"
     ) from e
 
+from keras_reptile import algorithms
 from keras_reptile import callbacks as callbacks_lib
 from keras_reptile import inner_loop
 from keras_reptile._validation import check_positive_int
@@ -48,6 +49,8 @@ from keras_reptile.reptile_model import ReptileModel
 __all__ = ["ReptileHyperModel"]
 
 SCHEDULES = ("constant", "linear")
+# Keras Tuner's choices are numbers, strings or bools: "none" stands for None.
+HEADS = ("none", "prototype")
 
 # Hyperparameter names, as they appear in `hp.values` and the tuner's logs.
 INNER_LEARNING_RATE = "inner_learning_rate"
@@ -56,6 +59,9 @@ INNER_BATCH_SIZE = "inner_batch_size"
 META_STEP_SIZE = "meta_step_size"
 META_STEP_SIZE_SCHEDULE = "meta_step_size_schedule"
 META_BATCH_SIZE = "meta_batch_size"
+ALGORITHM = "algorithm"
+HEAD = "head"
+CARRY_INNER_STATE = "carry_inner_optimizer_state"
 
 
 class ReptileHyperModel(keras_tuner.HyperModel):
@@ -72,7 +78,10 @@ class ReptileHyperModel(keras_tuner.HyperModel):
       0 over `meta_steps` meta-steps, as in the paper);
     * `meta_batch_size`: tasks per meta-step. It is a property of the
       episodic dataset, so `fit` builds each trial's training episodes by
-      calling `make_train_episodes(meta_batch_size)`.
+      calling `make_train_episodes(meta_batch_size)`;
+    * `algorithm` (`"reptile"`, `"fomaml"`, `"maml"`), `head` (`"none"` or
+      `"prototype"`) and `carry_inner_optimizer_state` (bool): see
+      `ReptileModel`. Fixed by default (Reptile, no head, fresh state).
 
     A search space is given as a `(min, max)` tuple (a range: sampled
     log-uniformly for learning rates and ε, uniformly for integers), a list
@@ -123,6 +132,13 @@ class ReptileHyperModel(keras_tuner.HyperModel):
             `"constant"` and `"linear"`. Defaults to both.
         meta_batch_size: Search space of the meta-batch size. Defaults to
             the choices `[1, 2, 5, 10]`.
+        algorithm: Search space of the algorithm: a name or a list of
+            names among `keras_reptile.algorithms.names()`. Defaults to
+            `"reptile"`.
+        head: Search space of the head, `"none"`, `"prototype"` or a list
+            of both. Defaults to `"none"`.
+        carry_inner_optimizer_state: Search space of that option, a bool or
+            `[False, True]`. Defaults to False.
         inner_optimizer: Template of the inner optimizer: a
             `keras.optimizers.Optimizer` (or its name) whose learning rate
             is replaced by `inner_learning_rate`. Defaults to the paper's
@@ -176,6 +192,9 @@ class ReptileHyperModel(keras_tuner.HyperModel):
         meta_step_size=(0.1, 1.0),
         meta_step_size_schedule=None,
         meta_batch_size=None,
+        algorithm="reptile",
+        head="none",
+        carry_inner_optimizer_state=False,
         inner_optimizer=None,
         eval_inner_steps=50,
         eval_inner_batch_size=10,
@@ -218,6 +237,11 @@ class ReptileHyperModel(keras_tuner.HyperModel):
             ),
             META_BATCH_SIZE: _check_space(
                 META_BATCH_SIZE, meta_batch_size, "int"
+            ),
+            ALGORITHM: _check_space(ALGORITHM, algorithm, "algorithm"),
+            HEAD: _check_space(HEAD, head, "head"),
+            CARRY_INNER_STATE: _check_space(
+                CARRY_INNER_STATE, carry_inner_optimizer_state, "bool"
             ),
         }
         schedules, _ = self._spaces[META_STEP_SIZE_SCHEDULE]
@@ -288,6 +312,9 @@ class ReptileHyperModel(keras_tuner.HyperModel):
             eval_inner_steps=self.eval_inner_steps,
             eval_inner_batch_size=self.eval_inner_batch_size,
             transductive=self.transductive,
+            algorithm=values[ALGORITHM],
+            head=None if values[HEAD] == "none" else values[HEAD],
+            carry_inner_optimizer_state=values[CARRY_INNER_STATE],
         )
         epsilon = values[META_STEP_SIZE]
         if values[META_STEP_SIZE_SCHEDULE] == "linear":
@@ -412,7 +439,14 @@ _KINDS = {
     "int": (_positive_int, "a positive integer"),
     "float": (_positive_float, "a positive number"),
     "schedule": (lambda v: v in SCHEDULES, f"one of {list(SCHEDULES)}"),
+    "algorithm": (
+        lambda v: v in algorithms.names(), f"one of {algorithms.names()}"
+    ),
+    "head": (lambda v: v in HEADS, f"one of {list(HEADS)}"),
+    "bool": (lambda v: isinstance(v, bool), "a bool"),
 }
+# Kinds whose values are names or flags: lists of choices, never ranges.
+_CHOICE_KINDS = ("schedule", "algorithm", "head", "bool")
 
 
 def _check_space(name, space, kind):
@@ -424,7 +458,7 @@ def _check_space(name, space, kind):
     valid, description = _KINDS[kind]
     if isinstance(space, tuple):
         ok = (
-            kind != "schedule"
+            kind not in _CHOICE_KINDS
             and len(space) == 2
             and all(valid(v) for v in space)
             and space[0] <= space[1]
@@ -435,7 +469,7 @@ def _check_space(name, space, kind):
     else:
         ok = valid(space)
     if not ok:
-        forms = "a list of them" if kind == "schedule" else (
+        forms = "a list of them" if kind in _CHOICE_KINDS else (
             "a `(min, max)` range of them with min <= max, or a list of "
             "choices"
         )
@@ -453,6 +487,8 @@ def _values(space):
 
 
 def _declare(hp, name, space, kind):
+    if isinstance(space, list) and kind == "bool":
+        return hp.Boolean(name) if len(set(space)) > 1 else hp.Fixed(name, space[0])
     if isinstance(space, list):
         return hp.Choice(name, space)
     if isinstance(space, tuple) and space[0] != space[1]:

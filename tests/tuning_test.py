@@ -17,7 +17,8 @@ from keras_reptile.tuning import ReptileHyperModel
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 REPTILE_HPS = {
     "inner_learning_rate", "inner_steps", "inner_batch_size", "meta_step_size",
-    "meta_step_size_schedule", "meta_batch_size",
+    "meta_step_size_schedule", "meta_batch_size", "algorithm", "head",
+    "carry_inner_optimizer_state",
 }
 
 
@@ -282,7 +283,8 @@ def test_build_declares_the_search_space_with_defaults():
         "inner_learning_rate": "Float", "inner_steps": "Int",
         "inner_batch_size": "Choice", "meta_step_size": "Fixed",
         "meta_step_size_schedule": "Choice", "meta_batch_size": "Choice",
-        "units": "Choice",
+        "units": "Choice", "algorithm": "Fixed", "head": "Fixed",
+        "carry_inner_optimizer_state": "Fixed",
     }
     assert (
         space["inner_learning_rate"]["min_value"],
@@ -356,11 +358,39 @@ def test_fit_rejects_bad_arguments_before_training():
         (dict(inner_optimizer=keras.optimizers.Ftrl()), TypeError,
          "Expected `inner_optimizer` to be one of"),
         (dict(transductive="yes"), TypeError, "Expected `transductive` to be a bool"),
+        (dict(algorithm="sgd"), ValueError,
+         "Expected `algorithm` to be one of \\['fomaml', 'maml', 'reptile'\\]"),
+        (dict(algorithm=("reptile", "maml")), ValueError, "a list of them"),
+        (dict(head=["none", "learned"]), ValueError, "Expected `head` to be one of"),
+        (dict(carry_inner_optimizer_state="yes"), ValueError,
+         "Expected `carry_inner_optimizer_state` to be a bool"),
     ],
 )
 def test_constructor_rejects_bad_search_spaces(kwargs, error, message):
     with pytest.raises(error, match=message):
         _hypermodel(**kwargs)
+
+
+def test_search_over_algorithm_head_and_carried_state(tmp_path):
+    hypermodel = _hypermodel(
+        algorithm=["reptile", "fomaml", "maml"], head=["none", "prototype"],
+        carry_inner_optimizer_state=[False, True])
+    tuner = keras_tuner.RandomSearch(
+        hypermodel, objective=keras_tuner.Objective("val_accuracy", direction="max"),
+        max_trials=4, seed=1, directory=str(tmp_path))
+    tuner.search(**SEARCH)
+    trials = tuner.oracle.get_best_trials(4)
+    assert len(trials) == 4
+    seen = set()
+    for trial in trials:
+        values = trial.hyperparameters.values
+        model = tuner.load_model(trial)
+        assert model.algorithm == keras_reptile.algorithms.get(values["algorithm"])
+        assert (model.head is None) == (values["head"] == "none")
+        assert model.carry_inner_optimizer_state == values["carry_inner_optimizer_state"]
+        assert np.isfinite(trial.metrics.get_best_value("val_accuracy"))
+        seen.add((values["algorithm"], values["head"]))
+    assert len(seen) > 1  # the search really varied them
 
 
 def test_constructor_accepts_constant_only_schedule_without_meta_steps():
