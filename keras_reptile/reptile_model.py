@@ -905,15 +905,18 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         verbose=True,
         input_signature=None,
         *,
-        max_steps=None,
+        max_steps="auto",
+        max_support="auto",
+        max_query="auto",
         overwrite=False,
     ):
         """Exports a SavedModel for TF Serving that adapts per request.
 
         Signatures: `serving_default` (`x` -> the wrapped model's outputs at
-        the meta-weights, plus `probabilities` for classifiers) and
-        `adapt_and_predict` (`support_x`, `support_y`, `query_x`, optional
-        `steps` -> query outputs after `adapt_and_predict()`'s adaptation).
+        the meta-weights, plus `probabilities` for classifiers),
+        `adapt_and_predict` (`support_x`, `support_y`, `query_x` -> query
+        outputs after `adapt_and_predict()`'s adaptation) and
+        `adapt_and_predict_steps` (the same plus a required `steps`).
         See `keras_reptile.export.export_saved_model` for details. To freeze
         one adapted task model instead, export `adapt()`'s result.
 
@@ -924,7 +927,12 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
             verbose: Whether to report the written signatures.
             input_signature: Optional input spec of the wrapped model, as for
                 `keras.Model.export`; needed only for subclassed models.
-            max_steps: Optional upper bound on a request's `steps`.
+            max_steps: Upper bound on a request's `steps`: "auto" (10 x
+                `eval_inner_steps`), a positive int, or None (unbounded).
+            max_support: Upper bound on a request's support rows ("auto":
+                1,000; None: unbounded).
+            max_query: Upper bound on a request's query rows ("auto":
+                10,000; None: unbounded).
             overwrite: Whether to replace an existing non-empty `filepath`.
 
         Returns:
@@ -949,6 +957,8 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
             verbose=verbose,
             input_signature=input_signature,
             max_steps=max_steps,
+            max_support=max_support,
+            max_query=max_query,
             overwrite=overwrite,
         )
 

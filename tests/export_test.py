@@ -640,12 +640,6 @@ def test_default_max_steps_is_ten_times_eval_steps(served, tmp_path):
              steps=np.int32(10**9))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`ReptileModel.export` forwards `max_steps=None` (no bound) to "
-    "`export_saved_model`; its default needs to become 'auto' in "
-    "reptile_model.py. Remove this marker then.",
-)
 def test_model_export_bounds_steps_by_default(served):
     loaded = tf.saved_model.load(served["dirs"]["reg"])
     _rejects(
