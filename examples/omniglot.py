@@ -97,6 +97,32 @@ def parse_args(argv=None):
                         help="Carry the inner Adam's state across tasks and "
                         "meta-steps, as the paper's code does "
                         "(ReptileModel(carry_inner_optimizer_state=True)).")
+    parser.add_argument("--algorithm", choices=["reptile", "fomaml", "maml"],
+                        default="reptile",
+                        help="Meta-learning algorithm (ReptileModel(algorithm=...)).")
+    parser.add_argument("--head", choices=["none", "prototype"], default="none",
+                        help="prototype: the last Dense layer is set from each "
+                        "task's support set before adapting (ReptileModel("
+                        "head='prototype')); the network then has 20 outputs so "
+                        "one model serves 5-way and 20-way tasks.")
+    parser.add_argument("--inner-steps", type=int, default=None,
+                        help="Inner steps in training; default: the preset's.")
+    parser.add_argument("--inner-lr", type=float, default=None,
+                        help="Inner Adam learning rate; default: the preset's.")
+    parser.add_argument("--eval-inner-steps", type=int, default=EVAL_INNER_STEPS)
+    parser.add_argument("--train-shots", type=int, default=TRAIN_SHOTS,
+                        help="Support examples per class in training tasks.")
+    parser.add_argument("--outer-lr", type=float, default=None,
+                        help="Outer learning rate. Reptile: SGD epsilon, annealed "
+                        "linearly to 0 (default 1.0). FOMAML/MAML: Adam, "
+                        "annealed linearly to 0 (default 1e-3).")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="Stop meta-training after this many seconds of "
+                        "meta-steps (for equal-wall-time comparisons); the "
+                        "outer schedule still spans --meta-steps.")
+    parser.add_argument("--name", default=None,
+                        help="Output sub-directory (default: the preset, with the "
+                        "algorithm and head appended when they are not the defaults).")
     parser.add_argument("--jit-compile", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join(REPO, "docs", "omniglot"))
@@ -127,20 +153,28 @@ def load_splits(args, ways):
 
 
 def build_model(config, args):
-    backbone = keras_reptile.models.conv4((28, 28, 1), num_classes=config["ways"])
+    # With the prototype head the output size only bounds the ways per task.
+    outputs = max(20, config["ways"]) if args.head == "prototype" else config["ways"]
+    backbone = keras_reptile.models.conv4((28, 28, 1), num_classes=outputs)
+    if args.algorithm == "reptile":
+        outer = keras.optimizers.SGD(keras.optimizers.schedules.PolynomialDecay(
+            args.outer_lr or 1.0, config["meta_steps"], 0.0))
+    else:
+        outer = keras.optimizers.Adam(keras.optimizers.schedules.PolynomialDecay(
+            args.outer_lr or 1e-3, config["meta_steps"], 0.0))
     model = keras_reptile.ReptileModel(
         backbone,
+        algorithm=args.algorithm,
+        head=None if args.head == "none" else args.head,
         inner_optimizer=keras.optimizers.Adam(config["inner_lr"], beta_1=0.0),
         inner_steps=config["inner_steps"],
         inner_batch_size=config["inner_batch_size"],
-        eval_inner_steps=EVAL_INNER_STEPS,
+        eval_inner_steps=args.eval_inner_steps,
         eval_inner_batch_size=config["eval_inner_batch_size"],
         carry_inner_optimizer_state=args.carry_inner_state,
     )
     model.compile(
-        optimizer=keras.optimizers.SGD(
-            keras.optimizers.schedules.PolynomialDecay(1.0, config["meta_steps"], 0.0)
-        ),
+        optimizer=outer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=args.jit_compile,
@@ -233,9 +267,15 @@ def test_protocols(config, args, test):
         protocols.append((f"{ways}-way {shots}-shot", test.episodes(
             ways=ways, shots=shots, query_shots=1, meta_batch_size=META_BATCH,
             seed=args.seed + 100 + shots)))
-    if ways == 20:
-        protocols.append((f"{ways}-way {config['shots']}-shot within one alphabet",
-                          test.episodes(ways=ways, shots=config["shots"], query_shots=1,
+    if args.head == "prototype" and ways != 5:
+        # The head fits any number of ways: also the field's 5-way protocols.
+        for shots in (1, 5):
+            protocols.insert(shots // 5, (f"5-way {shots}-shot", test.episodes(
+                ways=5, shots=shots, query_shots=1, meta_batch_size=META_BATCH,
+                seed=args.seed + 100 + shots)))
+    if ways == 20 or args.head == "prototype":
+        protocols.append((f"20-way {config['shots']}-shot within one alphabet",
+                          test.episodes(ways=20, shots=config["shots"], query_shots=1,
                                         meta_batch_size=META_BATCH, seed=args.seed + 200,
                                         within_alphabet=True)))
     return protocols
@@ -244,15 +284,22 @@ def test_protocols(config, args, test):
 def main(argv=None):
     args = parse_args(argv)
     config = dict(PRESETS[args.preset])
-    if args.meta_steps is not None:
-        config["meta_steps"] = args.meta_steps
+    for key in ("meta_steps", "inner_steps", "inner_lr"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    config["train_shots"] = args.train_shots
+    name = args.name or "_".join(
+        [args.preset]
+        + ([args.algorithm] if args.algorithm != "reptile" else [])
+        + (["prototype"] if args.head == "prototype" else [])
+    )
     keras.utils.set_random_seed(args.seed)
-    out_dir = os.path.join(args.output_dir, args.preset)
+    out_dir = os.path.join(args.output_dir, name)
     os.makedirs(out_dir, exist_ok=True)
 
     train, val, test, test_name = load_splits(args, config["ways"])
     train_tasks = train.episodes(
-        ways=config["ways"], shots=TRAIN_SHOTS, query_shots=1,
+        ways=config["ways"], shots=args.train_shots, query_shots=1,
         meta_batch_size=META_BATCH, seed=args.seed, rotations=True,
     )
     val_tasks = val.episodes(
@@ -265,7 +312,7 @@ def main(argv=None):
     # SIGTERM or Ctrl-C stops after the current meta-step with a backup
     # written; rerunning the same command resumes exactly where it stopped.
     backup_dir = args.backup_dir or os.path.join(
-        REPO, "runs", f"omniglot_{args.preset}", "backup"
+        REPO, "runs", f"omniglot_{name}", "backup"
     )
     resuming = os.path.isdir(backup_dir)
     backup = BackupAndRestore(backup_dir, save_freq=max(1, steps_per_epoch // 4))
@@ -280,6 +327,7 @@ def main(argv=None):
         callbacks=[
             MetaStepSizeLogger(),  # before CSVLogger, which logs epsilon from it
             timer,
+            *([TimeBudget(args.time_budget)] if args.time_budget else []),
             backup,
             shutdown,
             keras.callbacks.CSVLogger(history_path, append=resuming),
@@ -292,6 +340,9 @@ def main(argv=None):
         sys.exit(128 + shutdown.received_signal)
     results = {
         "preset": args.preset,
+        "algorithm": args.algorithm,
+        "head": args.head,
+        "eval_inner_steps": args.eval_inner_steps,
         "config": config,
         "train_on": args.train_on,
         "carry_inner_state": args.carry_inner_state,
@@ -299,9 +350,10 @@ def main(argv=None):
                          f"({', '.join(train.alphabet_names)})",
         "validation_classes": val.num_classes,
         "test": f"{test_name} ({test.num_classes} characters)",
-        "meta_steps": steps_per_epoch * args.epochs,
+        "meta_steps": int(model.optimizer.iterations.numpy()),
         "meta_training_seconds": round(timer.seconds, 1),
-        "meta_steps_per_second": round(steps_per_epoch * args.epochs / timer.seconds, 2),
+        "meta_steps_per_second": round(
+            int(model.optimizer.iterations.numpy()) / timer.seconds, 2),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
                    f"Keras {keras.__version__}",
         "reptile": {},
@@ -324,7 +376,7 @@ def main(argv=None):
                 "accuracy": round(accuracy.mean, 4), "ci95": round(accuracy.ci95, 4),
                 "tasks": accuracy.num_tasks, "seconds": round(time.time() - started, 1),
             }
-            print(f"Reptile {key}: {accuracy}", flush=True)
+            print(f"{args.algorithm} ({args.head} head) {key}: {accuracy}", flush=True)
 
     if args.baseline:
         features, info = train_baseline(train, timer.seconds, args)
@@ -337,9 +389,10 @@ def main(argv=None):
             }
             print(f"Baseline (classifier + cosine NN) {name}: {accuracy}", flush=True)
 
-    export_dir = args.export_dir or os.path.join(REPO, "saved_models", f"omniglot_{args.preset}")
+    export_dir = args.export_dir or os.path.join(REPO, "saved_models", f"omniglot_{name}")
     export_path = keras_reptile.export.next_version_path(export_dir)
     model.export(export_path, verbose=False)
+    model.save(os.path.join(out_dir, "model.keras"))
     results["saved_model"] = os.path.relpath(export_path, REPO)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -12,6 +12,7 @@ from keras_reptile import algorithms
 from keras_reptile import export as export_lib
 from keras_reptile import heads
 from keras_reptile import inner_loop
+from keras_reptile._finite_guard import NonFiniteGuard
 from keras_reptile._losses import loss_kind
 from keras_reptile._validation import check_class_labels
 from keras_reptile._validation import check_finite_rows
@@ -260,6 +261,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         self._adapt_functions = {}
         self._step_keys = {}
         self._inner_state = None
+        self._finite_guard = None
         self._create_inner_state()
         if model.built:
             self.built = True
@@ -428,6 +430,31 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         self._prepare_step("predict", x, is_batch=True)
         return super().predict_on_batch(x)
 
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=True)
+        if self._finite_guard is None:
+            self._finite_guard = NonFiniteGuard(self.distribute_strategy)
+        step, guard = self.train_function, self._finite_guard
+
+        def train_function(iterator):
+            logs = step(iterator)
+            guard.check(self._step_variables(), self._kept_description())
+            return logs
+
+        self.train_function = train_function
+        return train_function
+
+    def _kept_description(self):
+        kept = ["the meta-weights", "the outer optimizer's state"]
+        if self.model.non_trainable_variables:
+            kept.append("the non-trainable state (e.g. BatchNorm statistics)")
+        if self._inner_state is not None:
+            kept.append("the carried inner-optimizer state")
+        text = ", ".join(kept[:-1]) + " and " + kept[-1]
+        return text[0].upper() + text[1:]
+
     def _prepare_step(self, kind, data, is_batch=False):
         """Checks the replica split; drops a step traced for other inputs or settings."""
         tasks = _meta_batch_size(data, is_batch)
@@ -502,8 +529,11 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
             episodes, theta, state, self._train_settings(), self.algorithm
         )
         gradient = self.algorithm.outer_gradient(theta, results)
-        self.optimizer.apply(self._replica_share(gradient), self.model.trainable_variables)
-        self._update_meta_state(results)
+        self._finite_guard.run(
+            self._step_variables(),
+            self.optimizer.iterations,
+            lambda: self._apply_meta_step(gradient, results),
+        )
         return self._report(episodes, results)
 
     def test_step(self, data):
@@ -634,6 +664,14 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         # which these gradients never had.
         share = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
         return [self.optimizer.scale_loss(g * share) for g in gradient]
+
+    def _apply_meta_step(self, gradient, results):
+        self.optimizer.apply(self._replica_share(gradient), self.model.trainable_variables)
+        self._update_meta_state(results)
+
+    def _step_variables(self):
+        """Every variable a meta-step writes (metrics aside)."""
+        return list(self.weights) + list(self.optimizer.variables)
 
     def _update_meta_state(self, results):
         """Non-trainable variables and carried inner state after a meta-step."""
@@ -860,6 +898,134 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         for variable, value in zip(adapted.non_trainable_variables, state):
             variable.assign(value)
         return adapted
+
+    def meta_update(self, support_x, support_y, query_x=None, query_y=None):
+        """Meta-trains on one new task: a single meta-step on that task alone.
+
+        For tasks that keep arriving after deployment. The task updates the
+        meta-weights θ as one `fit` step on a meta-batch of just this task
+        would: it is adapted from θ with the training settings (`inner_steps`
+        steps of `inner_batch_size` rows of the inner optimizer), the model's
+        `algorithm` makes the outer gradient, and the optimizer given to
+        `compile()` applies it. With Reptile and `SGD(learning_rate=ε)` that
+        is θ ← θ + ε (φ − θ) for the task's adapted weights φ. The update
+        runs through the same compiled train step as `fit` and
+        `train_on_batch` (execution mode, distribution strategy and carried
+        inner state included) and advances the outer optimizer's state as a
+        `fit` step does: its `iterations`, its moments, a learning-rate
+        schedule's position.
+
+        Reptile's update needs the support set only; without a query set the
+        returned loss and metrics are those of the adapted weights on the
+        support set. FOMAML and MAML differentiate a query loss, so they need
+        `query_x` and `query_y` (held-out examples of the same task), and
+        raise without them: splitting the support set on the caller's behalf
+        would quietly shrink the set the task adapts on.
+
+        Inputs are checked as `adapt()` checks its support set (the query set
+        the same way) before any work: a bad input raises and leaves the
+        meta-weights and the optimizer untouched. Calls on tasks of the same
+        shapes reuse one traced step; alternating with `fit` on a larger
+        meta-batch traces the step anew at each switch.
+
+        Args:
+            support_x: Support inputs, `[S, *input_shape]`.
+            support_y: Support targets, `[S, ...]` (class ids `0..ways-1` for
+                a sparse classification loss).
+            query_x: Query inputs, `[Q, *input_shape]`. Required with FOMAML
+                and MAML; optional with Reptile, where they only feed the
+                returned logs.
+            query_y: Query targets, `[Q, ...]`, given with `query_x`.
+
+        Returns:
+            A dict of floats: the compiled loss and metrics of the task's
+            adapted weights on the query set (the support set if there is
+            none), computed in training mode as `fit` reports them.
+
+        Raises:
+            ValueError: If an input has the wrong shape, holds NaN or Inf
+                values or labels outside the model's outputs, if only one of
+                `query_x` and `query_y` is given, or if the algorithm needs a
+                query set and none is given.
+
+        Example:
+
+        >>> import keras, numpy as np, keras_reptile
+        >>> net = keras.Sequential([keras.Input((1,)),
+        ...                         keras.layers.Dense(16, activation="tanh"),
+        ...                         keras.layers.Dense(1)])
+        >>> model = keras_reptile.ReptileModel(
+        ...     net, inner_optimizer=keras.optimizers.SGD(0.02), inner_steps=5,
+        ...     inner_batch_size=10)
+        >>> model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        >>> tasks = keras_reptile.datasets.sine(shots=10, meta_batch_size=4,
+        ...                                     seed=0)
+        >>> history = model.fit(tasks, steps_per_epoch=10, verbose=0)
+        >>> x = np.linspace(-5.0, 5.0, 10, dtype="float32")[:, None]
+        >>> logs = model.meta_update(x, 2.0 * np.sin(x[:, 0] - 1.0))
+        >>> sorted(logs)
+        ['loss']
+        """
+        support_x, support_y = self._check_support(support_x, support_y)
+        if query_x is None and query_y is None:
+            if not isinstance(self.algorithm, algorithms.Reptile):
+                raise ValueError(
+                    "Expected `query_x` and `query_y` for a meta-update with "
+                    f"algorithm={self.algorithm!r}: its outer gradient is the "
+                    "gradient of a query loss after adaptation, so it needs "
+                    "query examples besides the support set (hold out part "
+                    "of the task's examples). Reptile (algorithm=\"reptile\") "
+                    "updates from the support set alone. Received: "
+                    "query_x=None, query_y=None"
+                )
+            # Reptile's outer gradient never reads the query set: the support
+            # set stands in for it and only shapes the returned logs.
+            query_x, query_y = support_x, support_y
+        else:
+            query_x, query_y = self._check_query(support_x, query_x, query_y)
+        # Under tf.distribute each replica adapts its share of a meta-batch:
+        # one copy of the task per replica, and identical copies average to
+        # the task's own update.
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        task = (support_x, support_y, query_x, query_y)
+        episode = {
+            key: tf.stack([value] * replicas) for key, value in zip(EPISODE_KEYS, task)
+        }
+        logs = self.train_on_batch(episode, return_dict=True)
+        return {key: float(value) for key, value in logs.items()}
+
+    def _check_query(self, support_x, query_x, query_y):
+        """`meta_update`'s query set, checked as `_check_support` checks a support set."""
+        if query_x is None or query_y is None:
+            missing, given = (
+                ("query_x", "query_y") if query_x is None else ("query_y", "query_x")
+            )
+            raise ValueError(
+                "Expected `query_x` and `query_y` together, or neither. "
+                f"Received: {missing}=None with a `{given}`."
+            )
+        query_x = self._check_inputs("query_x", query_x, support_x.shape[1:])
+        query_y = tf.convert_to_tensor(query_y)
+        if query_y.shape.rank is None or query_y.shape.rank < 1 or (
+            query_y.shape[0] != query_x.shape[0]
+        ):
+            raise ValueError(
+                "Expected `query_y` with one target per query example. "
+                f"Received: query_x.shape={tuple(query_x.shape)}, "
+                f"query_y.shape={tuple(query_y.shape)}"
+            )
+        check_numeric("`query_y`", query_y.dtype)
+        output_shape = self._output_shape(query_x.shape[1:], query_x.dtype)
+        kind = loss_kind(self.loss)[0]
+        if kind == "sparse":
+            if output_shape and output_shape[-1]:
+                check_class_labels(query_y.numpy(), output_shape[-1], "query_y")
+        else:
+            _check_target_shape(
+                "`query_y`", "query_y.shape", query_y.shape, 1, output_shape, kind
+            )
+            check_finite_rows("query_y", query_y.numpy())
+        return query_x, query_y
 
     def adapt_and_predict(self, support_x, support_y, query_x, *, steps=None):
         """Adapts to a support set and returns the adapted model's query outputs.

@@ -195,3 +195,37 @@ def test_second_order_maml_under_several_replicas_is_a_clear_error():
     report = json.loads(process.stdout.strip().splitlines()[-1])
     assert "Second-order MAML is not supported" in report["message"]
     assert report["unchanged"]
+
+
+def test_a_non_finite_meta_step_is_undone_on_every_replica():
+    # One NaN in one task of the second meta-batch: the replica holding that
+    # task breaks, and every replica must undo the step and stop together.
+    script = SCRIPT.split("history = model.fit(")[0] + textwrap.dedent(
+        """
+        data = list(episodes(meta_batch_size, 0).take(2))
+        bad = dict(data[1])
+        x = bad["support_x"].numpy()
+        x[3, 0, 0, 0, 0] = np.nan
+        bad["support_x"] = tf.constant(x)
+        model.fit(tf.data.Dataset.from_tensors(data[0]), verbose=0)
+        after_one = [w.numpy() for w in model.weights + model.optimizer.variables]
+        try:
+            model.fit(tf.data.Dataset.from_tensors(bad), verbose=0)
+        except FloatingPointError as error:
+            message = str(error)
+        else:
+            message = None
+        now = [w.numpy() for w in model.weights + model.optimizer.variables]
+        unchanged = all(np.array_equal(a, b) for a, b in zip(after_one, now))
+        finite = all(np.isfinite(w).all() for w in now)
+        print(json.dumps({"message": message, "unchanged": unchanged, "finite": finite}))
+        """
+    )
+    process = subprocess.run(
+        [sys.executable, "-c", script, "mirrored", "4", "1", "reptile"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    report = json.loads(process.stdout.strip().splitlines()[-1])
+    assert report["message"] is not None and "Meta-step 2 made" in report["message"]
+    assert report["unchanged"] and report["finite"]

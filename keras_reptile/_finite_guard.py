@@ -1,0 +1,123 @@
+"""Never apply a non-finite meta-step.
+
+One diverging task (an inner learning rate too large for the data, a NaN in
+an image, a huge outer step) turns the meta-weights into NaN in the very step
+it happens, and Keras's `TerminateOnNaN` only stops after that step has been
+applied and saved. The guard snapshots every variable a meta-step writes,
+lets the step run, and puts the snapshot back if the step made a finite value
+non-finite; the step's number and the first variable it broke are recorded in
+a variable the host reads after each call of the train function, which then
+raises before any callback (a backup, say) sees the broken step.
+"""
+
+import tensorflow as tf
+
+
+class NonFiniteGuard:
+    """Undoes and reports a meta-step that made any variable non-finite.
+
+    Kept out of Keras's variable tracking (a plain object, its variables are
+    raw `tf.Variable`s): the flag is bookkeeping, not model state, so it is
+    neither saved nor part of `model.weights`.
+
+    Args:
+        strategy: The model's distribution strategy; the flag variables are
+            created in its scope.
+    """
+
+    def __init__(self, strategy):
+        with strategy.scope():
+            # 0: nothing went wrong; n: meta-step n (1-based) was undone.
+            self._step = tf.Variable(
+                0, dtype=tf.int64, trainable=False,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+            self._culprit = tf.Variable(
+                0, dtype=tf.int64, trainable=False,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+
+    def run(self, variables, iterations, step_fn):
+        """Runs `step_fn()`; restores `variables` if it broke one of them.
+
+        Args:
+            variables: Every variable `step_fn` may write.
+            iterations: The outer optimizer's iteration counter (read before
+                the step for the step's number).
+            step_fn: The meta-step's updates.
+        """
+        floats = _floating(variables)
+        before = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
+        step = tf.identity(iterations) + 1
+        step_fn()
+        # A value that was already non-finite (a mask constant, say) is not
+        # this step's doing; a finite one that became NaN or Inf is.
+        broke = [
+            tf.reduce_any(tf.logical_and(
+                tf.math.is_finite(before[i]),
+                tf.logical_not(tf.math.is_finite(tf.convert_to_tensor(variables[i]))),
+            ))
+            for i in floats
+        ]
+        broke = tf.stack(broke) if broke else tf.zeros([1], tf.bool)
+        # Once a step was undone, the rest of a multi-step execution is too:
+        # training stops at the first bad step.
+        undo = tf.logical_or(tf.reduce_any(broke), self._step > 0)
+        _restore_if(undo, variables, before)
+        first = tf.logical_and(undo, self._step == 0)
+        self._culprit.assign(tf.where(
+            first, tf.argmax(tf.cast(broke, tf.int64), output_type=tf.int64),
+            self._culprit,
+        ))
+        self._step.assign(tf.where(first, tf.cast(step, tf.int64), self._step))
+
+    def check(self, variables, context):
+        """Raises (and resets the flag) if a meta-step was undone.
+
+        Args:
+            variables: The same list that was passed to `run`.
+            context: Words for the message: what was kept.
+        """
+        step = int(self._step.numpy())
+        if not step:
+            return
+        culprit = int(self._culprit.numpy())
+        self._step.assign(0)
+        variable = variables[_floating(variables)[culprit]]
+        name = getattr(variable, "path", variable.name)
+        raise FloatingPointError(
+            f"Meta-step {step} made `{name}` non-finite (NaN or Inf), so it was "
+            f"not applied and training stopped. {context} are those after "
+            f"meta-step {step - 1}; backups are untouched. Common causes: an "
+            "inner or outer learning rate too large for the data, or NaN/Inf "
+            "in the training episodes."
+        )
+
+
+def _floating(variables):
+    return [i for i, v in enumerate(variables) if tf.as_dtype(v.dtype).is_floating]
+
+
+def _restore_if(undo, variables, before):
+    strategy = tf.distribute.get_strategy()
+    context = tf.distribute.get_replica_context()
+    if context is None or strategy.num_replicas_in_sync == 1:
+        def restore():
+            for variable, value in zip(variables, before):
+                variable.assign(value)
+            return tf.constant(True)
+
+        tf.cond(undo, restore, lambda: tf.constant(False))
+        return
+    # A cond whose branch assigns mirrored variables cannot run in a replica
+    # context, so every copy is written unconditionally; `undo` and the
+    # values are the same on every replica (all synchronised after the step).
+    values = [tf.where(undo, b, tf.convert_to_tensor(v)) for v, b in zip(variables, before)]
+
+    def update(strategy, *values):
+        for variable, value in zip(variables, values):
+            strategy.extended.update(
+                variable.value, lambda v, x: v.assign(x), args=(value,), group=False
+            )
+
+    context.merge_call(update, args=tuple(values))
