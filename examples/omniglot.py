@@ -66,6 +66,13 @@ PRESETS = {
 TRAIN_SHOTS = 10
 META_BATCH = 5
 EVAL_INNER_STEPS = 50
+# Ranges of the per-drawing distortions (rotation in degrees, shear, relative
+# zoom, translation in pixels at 28x28).
+AUGMENTATIONS = {
+    "none": None,
+    "koch": dict(rotation=10, shear=0.3, zoom=0.2, translation=2),
+    "mild": dict(rotation=5, shear=0.15, zoom=0.1, translation=1),
+}
 
 
 def parse_args(argv=None):
@@ -123,6 +130,12 @@ def parse_args(argv=None):
     parser.add_argument("--name", default=None,
                         help="Output sub-directory (default: the preset, with the "
                         "algorithm and head appended when they are not the defaults).")
+    parser.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none",
+                        help="Per-drawing affine distortions of meta-training "
+                        "tasks (keras_reptile.augmentation.affine_distortions): "
+                        "koch = Koch et al. 2015's ranges, mild = half of them.")
+    parser.add_argument("--interpolation", choices=["bilinear", "nearest"],
+                        default="bilinear", help="Resampling of --augment.")
     parser.add_argument("--jit-compile", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join(REPO, "docs", "omniglot"))
@@ -292,6 +305,7 @@ def main(argv=None):
         [args.preset]
         + ([args.algorithm] if args.algorithm != "reptile" else [])
         + (["prototype"] if args.head == "prototype" else [])
+        + ([f"augment_{args.augment}"] if args.augment != "none" else [])
     )
     keras.utils.set_random_seed(args.seed)
     out_dir = os.path.join(args.output_dir, name)
@@ -301,6 +315,9 @@ def main(argv=None):
     train_tasks = train.episodes(
         ways=config["ways"], shots=args.train_shots, query_shots=1,
         meta_batch_size=META_BATCH, seed=args.seed, rotations=True,
+        augment=None if args.augment == "none" else
+        keras_reptile.augmentation.affine_distortions(
+            **AUGMENTATIONS[args.augment], interpolation=args.interpolation),
     )
     val_tasks = val.episodes(
         ways=config["ways"], shots=config["shots"], query_shots=1,
@@ -342,6 +359,8 @@ def main(argv=None):
         "preset": args.preset,
         "algorithm": args.algorithm,
         "head": args.head,
+        "augment": args.augment if args.augment == "none" else
+        dict(AUGMENTATIONS[args.augment], interpolation=args.interpolation),
         "eval_inner_steps": args.eval_inner_steps,
         "config": config,
         "train_on": args.train_on,

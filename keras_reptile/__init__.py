@@ -1,6 +1,7 @@
 """keras_reptile: Reptile meta-learning as a first-class Keras 3 model."""
 
 from keras_reptile import algorithms
+from keras_reptile import augmentation
 from keras_reptile import callbacks
 from keras_reptile import datasets
 from keras_reptile import episodes
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ReptileModel",
     "algorithms",
+    "augmentation",
     "callbacks",
     "datasets",
     "episodes",

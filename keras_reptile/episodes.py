@@ -23,6 +23,7 @@ integer `seed` gives the same sequence of episodes every time, whatever the
 import numpy as np
 import tensorflow as tf
 
+from keras_reptile import augmentation
 from keras_reptile._validation import check_positive_int
 
 __all__ = ["from_arrays", "from_dataset", "from_task_fn"]
@@ -47,6 +48,7 @@ def from_arrays(
     seed=None,
     rotations=False,
     groups=None,
+    augment=None,
 ):
     """Builds N-way K-shot classification episodes from labelled arrays.
 
@@ -86,6 +88,15 @@ def from_arrays(
             group. Each task then first draws, uniformly, one of the groups
             that have at least `ways` classes, and takes all its classes from
             that group. Rotated classes belong to the group of the original.
+        augment: Optional Keras image preprocessing layer (e.g.
+            `keras.layers.RandomRotation`) or list of layers, applied in
+            order to every support and query image after `rotations`, each
+            image with its own draw (see
+            `keras_reptile.augmentation.affine_distortions`). The draws come
+            from each task's seed, so the episodes stay reproducible and
+            resumable. For meta-training data only: held-out tasks should see
+            the images as they are. Needs image features `[H, W]` or
+            `[H, W, channels]`.
 
     Returns:
         An infinite `tf.data.Dataset` of episode dicts with keys
@@ -117,9 +128,15 @@ def from_arrays(
         ways, shots, query_shots, meta_batch_size
     )
     seed = _check_seed(seed)
+    layers = augmentation.check(augment)
     x, y = _check_examples(x, y)
     num_examples = x.shape[0]
     input_shape = x.shape[1:]
+    if layers and len(input_shape) not in (2, 3):
+        raise ValueError(
+            "`augment` requires image features of shape (H, W) or (H, W, "
+            f"channels). Received: input_shape={tuple(input_shape)}"
+        )
     if rotations and not (
         len(input_shape) in (2, 3) and input_shape[0] == input_shape[1]
     ):
@@ -211,7 +228,7 @@ def from_arrays(
         )
         turns = tf.broadcast_to((classes % copies)[:, None], [ways, per_class])
 
-        def take(start, count, shuffle_seed):
+        def take(start, count, shuffle_seed, augment_seed):
             # Rows come out grouped by class; shuffle so labels are mixed.
             order = tf.random.experimental.stateless_shuffle(
                 tf.range(ways * count), shuffle_seed
@@ -223,10 +240,19 @@ def from_arrays(
             rows = tf.gather(features, rows)
             if rotations:
                 rows = _rotate(rows, row_turns)
+            if layers:
+                rows = augmentation.apply(layers, rows, augment_seed)
             return rows, row_labels
 
-        support_x, support_y = take(0, shots, seeds[3])
-        query_x, query_y = take(shots, query_shots, seeds[4])
+        # Seeds folded in apart from the five split above, so the episodes
+        # without `augment` are the same as ever.
+        support_x, support_y = take(
+            0, shots, seeds[3], tf.random.experimental.stateless_fold_in(task_seed, 1)
+        )
+        query_x, query_y = take(
+            shots, query_shots, seeds[4],
+            tf.random.experimental.stateless_fold_in(task_seed, 2),
+        )
         return {
             "support_x": support_x,
             "support_y": support_y,
@@ -247,6 +273,7 @@ def from_dataset(
     seed=None,
     rotations=False,
     groups=None,
+    augment=None,
 ):
     """Builds N-way K-shot classification episodes from a dataset of examples.
 
@@ -267,6 +294,7 @@ def from_dataset(
             `from_arrays`).
         groups: Optional array with the group id of each example, in the
             dataset's order (see `from_arrays`).
+        augment: Optional image augmentation layers (see `from_arrays`).
 
     Returns:
         An infinite `tf.data.Dataset` of episode dicts, as returned by
@@ -314,6 +342,7 @@ def from_dataset(
     # Check the cheap arguments before a possibly long read.
     _check_sampling_args(ways, shots, query_shots, meta_batch_size)
     _check_seed(seed)
+    augmentation.check(augment)
 
     xs, ys = [], []
     try:
@@ -338,6 +367,7 @@ def from_dataset(
         seed=seed,
         rotations=rotations,
         groups=groups,
+        augment=augment,
     )
 
 

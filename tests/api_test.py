@@ -9,6 +9,7 @@ def test_public_api_is_listed_explicitly():
     assert sorted(keras_reptile.__all__) == [
         "ReptileModel",
         "algorithms",
+        "augmentation",
         "callbacks",
         "datasets",
         "episodes",
@@ -34,6 +35,7 @@ def test_submodule_apis():
         "Adaptation", "MAML", "MetaAlgorithm", "Reptile", "TaskResult", "get", "names",
     ]
     assert sorted(keras_reptile.heads.__all__) == ["PrototypeHead", "get"]
+    assert keras_reptile.augmentation.__all__ == ["affine_distortions"]
     assert sorted(keras_reptile.datasets.__all__) == [
         "Omniglot", "OmniglotDownloadError", "omniglot", "sine", "sine_function",
     ]

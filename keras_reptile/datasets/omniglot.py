@@ -275,6 +275,7 @@ class Omniglot:
         seed=None,
         rotations=False,
         within_alphabet=False,
+        augment=None,
     ):
         """Builds a `tf.data.Dataset` of few-shot tasks from these classes.
 
@@ -289,6 +290,9 @@ class Omniglot:
             rotations: whether to augment classes with 90-degree rotations.
             within_alphabet: if True, each task draws all its classes from a
                 single alphabet (a harder, more realistic setting).
+            augment: optional Keras image augmentation layers applied to
+                every drawing of a task (for meta-training only; see
+                `keras_reptile.augmentation.affine_distortions`).
 
         Returns:
             The `tf.data.Dataset` returned by
@@ -307,6 +311,7 @@ class Omniglot:
             seed=seed,
             rotations=rotations,
             groups=groups if within_alphabet else None,
+            augment=augment,
         )
 
     def _check_alphabets(self, names):
