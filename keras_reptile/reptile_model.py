@@ -403,7 +403,23 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         self._check_replica_split(_meta_batch_size(validation))
         self._prepare_step("train", bound.arguments.get("x"))
         self._check_training_data(bound.arguments.get("x"), validation)
+        self._check_callbacks(bound.arguments.get("callbacks"))
         return super().fit(*args, **kwargs)
+
+    def _check_callbacks(self, callbacks):
+        # Keras's ReduceLROnPlateau fails only at its first reduction, many
+        # epochs into the run, when the learning rate is a schedule.
+        schedule = _compat.raw_learning_rate(self.optimizer)
+        for callback in callbacks or []:
+            if isinstance(callback, keras.callbacks.ReduceLROnPlateau) and isinstance(
+                schedule, keras.optimizers.schedules.LearningRateSchedule
+            ):
+                raise ValueError(
+                    "`ReduceLROnPlateau` cannot lower a learning-rate schedule: "
+                    "compile with a float outer learning rate to use it, or "
+                    "drop the callback to keep the schedule. Received: "
+                    f"learning_rate={schedule!r}"
+                )
 
     def evaluate(self, *args, **kwargs):
         bound = inspect.signature(keras.Model.evaluate).bind(self, *args, **kwargs)
@@ -1005,26 +1021,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
                 f"Received: {missing}=None with a `{given}`."
             )
         query_x = self._check_inputs("query_x", query_x, support_x.shape[1:])
-        query_y = tf.convert_to_tensor(query_y)
-        if query_y.shape.rank is None or query_y.shape.rank < 1 or (
-            query_y.shape[0] != query_x.shape[0]
-        ):
-            raise ValueError(
-                "Expected `query_y` with one target per query example. "
-                f"Received: query_x.shape={tuple(query_x.shape)}, "
-                f"query_y.shape={tuple(query_y.shape)}"
-            )
-        check_numeric("`query_y`", query_y.dtype)
-        output_shape = self._output_shape(query_x.shape[1:], query_x.dtype)
-        kind = loss_kind(self.loss)[0]
-        if kind == "sparse":
-            if output_shape and output_shape[-1]:
-                check_class_labels(query_y.numpy(), output_shape[-1], "query_y")
-        else:
-            _check_target_shape(
-                "`query_y`", "query_y.shape", query_y.shape, 1, output_shape, kind
-            )
-            check_finite_rows("query_y", query_y.numpy())
+        query_y = self._check_targets("query", query_x, query_y)
         return query_x, query_y
 
     def adapt_and_predict(self, support_x, support_y, query_x, *, steps=None):
@@ -1251,27 +1248,30 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         self._check_compiled()
         support_x = self._check_inputs("support_x", support_x)
         self._ensure_built(support_x.shape[1:])
-        support_y = tf.convert_to_tensor(support_y)
-        if support_y.shape.rank is None or support_y.shape.rank < 1 or (
-            support_y.shape[0] != support_x.shape[0]
-        ):
+        support_y = self._check_targets("support", support_x, support_y)
+        return support_x, support_y
+
+    def _check_targets(self, role, x, y):
+        """`y` as a tensor of valid targets for the inputs `x` (role: "support"/"query")."""
+        y = tf.convert_to_tensor(y)
+        if y.shape.rank is None or y.shape.rank < 1 or y.shape[0] != x.shape[0]:
             raise ValueError(
-                "Expected `support_y` with one target per support example. "
-                f"Received: support_x.shape={tuple(support_x.shape)}, "
-                f"support_y.shape={tuple(support_y.shape)}"
+                f"Expected `{role}_y` with one target per {role} example. "
+                f"Received: {role}_x.shape={tuple(x.shape)}, "
+                f"{role}_y.shape={tuple(y.shape)}"
             )
-        check_numeric("`support_y`", support_y.dtype)
-        output_shape = self._output_shape(support_x.shape[1:], support_x.dtype)
+        check_numeric(f"`{role}_y`", y.dtype)
+        output_shape = self._output_shape(x.shape[1:], x.dtype)
         kind = loss_kind(self.loss)[0]
         if kind == "sparse":
             if output_shape and output_shape[-1]:
-                check_class_labels(support_y.numpy(), output_shape[-1], "support_y")
+                check_class_labels(y.numpy(), output_shape[-1], f"{role}_y")
         else:
             _check_target_shape(
-                "`support_y`", "support_y.shape", support_y.shape, 1, output_shape, kind
+                f"`{role}_y`", f"{role}_y.shape", y.shape, 1, output_shape, kind
             )
-            check_finite_rows("support_y", support_y.numpy())
-        return support_x, support_y
+            check_finite_rows(f"{role}_y", y.numpy())
+        return y
 
     def _output_shape(self, example_shape, dtype):
         """The wrapped model's output shape for one example, e.g. `(5,)`."""
@@ -1368,10 +1368,13 @@ def _assign_across_replicas(variables, values):
         for variable, value in zip(variables, values):
             variable.assign(value)
         return
+    if not variables:
+        return
     floats = [i for i, v in enumerate(values) if _is_float(v)]
+    # `all_reduce` of an empty list fails under MirroredStrategy.
     reduced = context.all_reduce(
         tf.distribute.ReduceOp.SUM, [values[i] for i in floats]
-    )
+    ) if floats else []
     values = list(values)
     for i, value in zip(floats, reduced):
         values[i] = value
