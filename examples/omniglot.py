@@ -357,6 +357,8 @@ def main(argv=None):
         sys.exit(128 + shutdown.received_signal)
     results = {
         "preset": args.preset,
+        "command": "python examples/omniglot.py " + " ".join(
+            sys.argv[1:] if argv is None else argv),
         "algorithm": args.algorithm,
         "head": args.head,
         "augment": args.augment if args.augment == "none" else
@@ -385,12 +387,12 @@ def main(argv=None):
                         args.preset)
 
     protocols = test_protocols(config, args, test)
-    for name, episodes in protocols:
+    for protocol, episodes in protocols:
         for transductive in (False, True):
             started = time.time()
             accuracy = few_shot_accuracy(model, episodes, args.eval_tasks,
                                          transductive=transductive)
-            key = f"{name}, {'transductive' if transductive else 'non-transductive'}"
+            key = f"{protocol}, {'transductive' if transductive else 'non-transductive'}"
             results["reptile"][key] = {
                 "accuracy": round(accuracy.mean, 4), "ci95": round(accuracy.ci95, 4),
                 "tasks": accuracy.num_tasks, "seconds": round(time.time() - started, 1),
@@ -400,13 +402,13 @@ def main(argv=None):
     if args.baseline:
         features, info = train_baseline(train, timer.seconds, args)
         results["baseline"] = {"training": info}
-        for name, episodes in protocols:
+        for protocol, episodes in protocols:
             accuracy = cosine_nn_accuracy(features, episodes, args.eval_tasks)
-            results["baseline"][name] = {
+            results["baseline"][protocol] = {
                 "accuracy": round(accuracy.mean, 4), "ci95": round(accuracy.ci95, 4),
                 "tasks": accuracy.num_tasks,
             }
-            print(f"Baseline (classifier + cosine NN) {name}: {accuracy}", flush=True)
+            print(f"Baseline (classifier + cosine NN) {protocol}: {accuracy}", flush=True)
 
     export_dir = args.export_dir or os.path.join(REPO, "saved_models", f"omniglot_{name}")
     export_path = keras_reptile.export.next_version_path(export_dir)

@@ -71,20 +71,22 @@ class NonFiniteGuard:
         ))
         self._step.assign(tf.where(first, tf.cast(step, tf.int64), self._step))
 
-    def check(self, variables, context):
+    def check(self, variables_fn, context_fn):
         """Raises (and resets the flag) if a meta-step was undone.
 
         Args:
-            variables: The same list that was passed to `run`.
-            context: Words for the message: what was kept.
+            variables_fn: Returns the same list that was passed to `run`.
+            context_fn: Returns words for the message: what was kept.
         """
         step = int(self._step.numpy())
         if not step:
             return
         culprit = int(self._culprit.numpy())
         self._step.assign(0)
+        variables = variables_fn()
         variable = variables[_floating(variables)[culprit]]
         name = getattr(variable, "path", variable.name)
+        context = context_fn()
         raise FloatingPointError(
             f"Meta-step {step} made `{name}` non-finite (NaN or Inf), so it was "
             f"not applied and training stopped. {context} are those after "

@@ -456,7 +456,9 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
 
         def train_function(iterator):
             logs = step(iterator)
-            guard.check(self._step_variables(), self._kept_description())
+            # The variable list and message are built only after a failure:
+            # this runs after every step.
+            guard.check(self._step_variables, self._kept_description)
             return logs
 
         self.train_function = train_function
