@@ -403,6 +403,7 @@ def test_episodes_delegates_to_from_arrays(monkeypatch):
             seed=7,
             rotations=True,
             within_alphabet=True,
+            augment="layers",
         )
         == "dataset"
     )
@@ -417,6 +418,7 @@ def test_episodes_delegates_to_from_arrays(monkeypatch):
         seed=None,
         rotations=False,
         groups=None,
+        augment=None,
     )
     np.testing.assert_array_equal(kw1.pop("groups"), groups)
     assert kw1 == dict(
@@ -426,6 +428,7 @@ def test_episodes_delegates_to_from_arrays(monkeypatch):
         meta_batch_size=5,
         seed=7,
         rotations=True,
+        augment="layers",
     )
 
 
