@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_reptile import _compat
+from keras_reptile import _durable
 
 __all__ = ["BackupAndRestore", "GracefulShutdown", "MetaStepSizeLogger"]
 
@@ -457,7 +458,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self.model.save_weights(tmp, overwrite=True)
         with h5py.File(tmp, "a") as f:
             f.attrs[_METADATA_ATTR] = json.dumps(metadata)
-        _fsync(tmp)
+        _durable.fsync_file(tmp)
         os.replace(tmp, weights_path)
         # Also in Keras's metadata file, for tools that read it.
         tmp = metadata_path + ".tmp"
@@ -466,6 +467,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, metadata_path)
+        # The renames themselves survive a power cut only once the directory
+        # is on disk (a kill needs no flush: the kernel keeps the writes).
+        _durable.fsync_dir(self.backup_dir)
         self._last_saved = key
         self._latest_unreadable = False
 
@@ -862,13 +866,8 @@ def _load_weights(model, path):
         model.load_weights(link)
 
 
-def _fsync(path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _atomic_copy(src, dst):
     tmp = dst + ".tmp"
     shutil.copyfile(src, tmp)
-    _fsync(tmp)
+    _durable.fsync_file(tmp)
     os.replace(tmp, dst)

@@ -85,12 +85,15 @@ curl -d '{"signature_name": "adapt_and_predict_steps", "inputs": {
 
 import logging
 import os
+import re
+import socket
 import sys
 import uuid
 
 import keras
 import tensorflow as tf
 
+from keras_reptile import _durable
 from keras_reptile._losses import loss_kind as _loss_kind
 from keras_reptile._validation import check_positive_int
 
@@ -143,9 +146,14 @@ def export_saved_model(
     larger ones fail with an `InvalidArgumentError` before any computation,
     so no request can keep a server busy for hours.
 
-    The SavedModel is written to a temporary sibling directory and then
-    renamed to `filepath`, so a TF Serving instance watching the parent
-    directory never sees a partly written version.
+    The SavedModel is written to a temporary sibling directory, flushed to
+    disk and then renamed to `filepath`, so a TF Serving instance watching
+    the parent directory never sees a partly written version, even if the
+    process is killed (on local and POSIX file systems; object stores have
+    no atomic rename). With `overwrite=True` the previous version is moved
+    aside before the new one is renamed in, and deleted after: never
+    part-deleted in place. The next export to the same parent directory
+    removes what a killed export left behind.
 
     Args:
         model: A compiled and built `keras_reptile.ReptileModel`.
@@ -360,7 +368,9 @@ def next_version_path(model_dir):
     subdirectories named by positive integers and serves the highest one.
     This returns `model_dir/<n + 1>` where `n` is the highest existing
     version (`model_dir/1` when there is none, including when `model_dir`
-    does not exist yet). Entries that are not integers are ignored.
+    does not exist yet). Entries that are not integers are ignored, except
+    a version that a killed `export_saved_model(..., overwrite=True)` left
+    moved aside, which the next export restores.
 
     Args:
         model_dir: `str` or `pathlib.Path`, the model's base directory, e.g.
@@ -384,6 +394,11 @@ def next_version_path(model_dir):
             entry = entry.rstrip("/")
             if entry.isdigit():
                 versions.append(int(entry))
+            # A version that an export with `overwrite=True`, killed at the
+            # wrong moment, had moved aside: the next export puts it back.
+            aside = _SIBLING.match(entry)
+            if aside and aside["kind"] == "old" and aside["name"].isdigit():
+                versions.append(int(aside["name"]))
     return os.path.join(model_dir, str(max(versions, default=0) + 1))
 
 
@@ -598,7 +613,21 @@ def _target_spec(loss_kind, output_shape):
 
 
 def _write_atomically(archive, filepath, overwrite):
+    """Writes the SavedModel so that `filepath` appears complete or not at all.
+
+    TF Serving loads any integer-named directory under its base path as
+    soon as it sees it, so the SavedModel is written to a dot-prefixed,
+    non-numeric sibling (which TF Serving ignores), made durable, and
+    renamed. Killing the process at any moment leaves `filepath` absent,
+    as it was, or complete; never part-written. Rename is atomic on local
+    and POSIX file systems; on object stores (`gs://`, `s3://`) it is a copy
+    and gives no such guarantee.
+    """
     filepath = filepath.rstrip("/\\") or filepath
+    parent, name = os.path.split(filepath)
+    # First, so that a version an interrupted overwrite had moved aside is
+    # back before `filepath` is checked.
+    _remove_stale_siblings(parent)
     if tf.io.gfile.exists(filepath):
         if not tf.io.gfile.isdir(filepath):
             raise ValueError(
@@ -607,23 +636,110 @@ def _write_atomically(archive, filepath, overwrite):
             )
         if tf.io.gfile.listdir(filepath) and not overwrite:
             raise _exists_error(filepath)
-    parent, name = os.path.split(filepath)
     if parent:
         tf.io.gfile.makedirs(parent)
-    # A dot-prefixed, non-numeric sibling: TF Serving ignores it.
-    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(parent or ".", _sibling_name(name, "tmp"))
+    old = None
     try:
         archive.write_out(tmp, verbose=False)
+        # Without it, a power cut after the rename could leave the version
+        # directory with empty files (file systems may write the rename
+        # before the data).
+        _durable.fsync_tree(tmp)
         if tf.io.gfile.exists(filepath):
             # Checked again: another export may have taken the path since.
             if tf.io.gfile.listdir(filepath) and not overwrite:
                 raise _exists_error(filepath)
-            tf.io.gfile.rmtree(filepath)
-        tf.io.gfile.rename(tmp, filepath)
+            # Moved aside rather than deleted in place: a kill during a
+            # recursive delete would leave a part-deleted version, which TF
+            # Serving would try to load.
+            old = os.path.join(parent or ".", _sibling_name(name, "old"))
+            tf.io.gfile.rename(filepath, old)
+        try:
+            tf.io.gfile.rename(tmp, filepath)
+        except Exception:
+            if old is not None:
+                try:
+                    tf.io.gfile.rename(old, filepath)
+                except Exception:  # Keep it for the user, never delete it.
+                    _logger.warning(
+                        "Could not put the previous SavedModel back at %s: it "
+                        "is kept at %s.", filepath, old,
+                    )
+                old = None
+            raise
+        _durable.fsync_dir(parent or ".")
     finally:
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.rmtree(tmp)
+        for leftover in (tmp, old):
+            if leftover is not None and tf.io.gfile.exists(leftover):
+                tf.io.gfile.rmtree(leftover)
     return filepath
+
+
+# Siblings written by `_write_atomically`, `.<name>.<kind>-<host>-<pid>-<hex>`:
+# `tmp` is a SavedModel being written, `old` the version it replaces, moved
+# aside. Dot-prefixed and non-numeric, so TF Serving never takes them for
+# versions.
+_SIBLING = re.compile(
+    r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9_.-]*)"
+    r"-(?P<pid>[0-9]+)-[0-9a-f]{32}$"
+)
+
+
+def _host():
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+
+
+def _sibling_name(name, kind):
+    return f".{name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _remove_stale_siblings(parent):
+    """Cleans up after exports to `parent` that were killed on this host.
+
+    Only siblings whose process is gone are touched: another process on
+    this host, or any process on another host sharing the directory, may be
+    writing its own. A stale `tmp` is deleted. A stale `old` is the version
+    an overwrite had moved aside when it was killed: deleted if the new
+    version is in place, else moved back (the interrupted overwrite is
+    rolled back, the version reappearing whole).
+    """
+    directory = parent or "."
+    try:
+        entries = [e.rstrip("/") for e in tf.io.gfile.listdir(directory)]
+    except tf.errors.NotFoundError:
+        return
+    host = _host()
+    for entry in entries:
+        match = _SIBLING.match(entry)
+        if not match or match["host"] != host or _is_running(int(match["pid"])):
+            continue
+        path = os.path.join(directory, entry)
+        target = os.path.join(directory, match["name"])
+        try:
+            if match["kind"] == "old" and not tf.io.gfile.exists(target):
+                tf.io.gfile.rename(path, target)
+                _logger.warning(
+                    "Restored %s, which an interrupted export with "
+                    "`overwrite=True` had moved aside.", target,
+                )
+            else:
+                tf.io.gfile.rmtree(path)
+                _logger.info("Removed %s, left by an interrupted export.", path)
+        except tf.errors.OpError:
+            pass  # Handled by a concurrent export, or left for the next.
+
+
+def _is_running(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # Exists, owned by another user (or cannot be told).
+    return True
 
 
 def _exists_error(filepath):
