@@ -90,6 +90,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import keras_reptile  # noqa: E402
+from keras_reptile import _compat  # noqa: E402
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 100  # random "Omniglot": 100 classes x 20 images
@@ -255,7 +256,7 @@ def forward_flops_per_image(model):
     """2 x the multiply-adds of the conv and dense layers, from their shapes."""
     macs = 0
     layers = {}
-    for layer in model._flatten_layers(include_self=False):
+    for layer in _compat.flatten_layers(model)[1:]:
         if isinstance(layer, keras.layers.Conv2D):
             kh, kw, in_per_group, filters = layer.kernel.shape
             out_h, out_w = layer.output.shape[1:3]
@@ -395,7 +396,7 @@ class PlainReptile:
         self.reset_pairs = [
             (v, np.zeros(v.shape, v.dtype))
             for v in self.optimizer.variables
-            if v is not self.optimizer._learning_rate
+            if v is not _compat.raw_learning_rate(self.optimizer)
         ]
         self.batch_norms = [
             layer for layer in self.model.layers

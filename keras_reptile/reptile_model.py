@@ -452,7 +452,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         super().make_train_function(force=True)
         if self._finite_guard is None:
             self._finite_guard = NonFiniteGuard(self.distribute_strategy)
-        step, guard = self.train_function, self._finite_guard
+        guard = self._finite_guard
 
         def train_function(iterator):
             logs = step(iterator)
@@ -461,7 +461,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
             guard.check(self._step_variables, self._kept_description)
             return logs
 
-        self.train_function = train_function
+        step = _compat.swap_train_function(self, train_function)
         return train_function
 
     def _kept_description(self):
