@@ -10,6 +10,7 @@ from keras_reptile import export
 from keras_reptile import heads
 from keras_reptile import inner_loop
 from keras_reptile import models
+from keras_reptile import pretrained
 from keras_reptile.reptile_model import ReptileModel
 
 __version__ = "0.1.0"
@@ -29,4 +30,5 @@ __all__ = [
     "heads",
     "inner_loop",
     "models",
+    "pretrained",
 ]

@@ -18,6 +18,7 @@ def test_public_api_is_listed_explicitly():
         "heads",
         "inner_loop",
         "models",
+        "pretrained",
     ]
     for name in keras_reptile.__all__:
         assert getattr(keras_reptile, name) is not None
@@ -36,6 +37,7 @@ def test_submodule_apis():
     ]
     assert sorted(keras_reptile.heads.__all__) == ["PrototypeHead", "get"]
     assert keras_reptile.augmentation.__all__ == ["affine_distortions"]
+    assert sorted(keras_reptile.pretrained.__all__) == ["NAMES", "load", "saved_model_path"]
     assert sorted(keras_reptile.datasets.__all__) == [
         "Omniglot", "OmniglotDownloadError", "omniglot", "sine", "sine_function",
     ]

@@ -1,0 +1,101 @@
+"""Meta-trained models shipped with the repository, loaded in one line.
+
+`saved_models/<name>/` beside the package holds, for each shipped model, the
+`.keras` file (`model.keras`, for `adapt()`, `evaluate` or further
+meta-training), a SavedModel that adapts per request (`saved_model/1/`, the
+TF Serving layout) and `MODEL_CARD.md` (data, command, accuracy, limits).
+"""
+
+import os
+
+import keras
+
+__all__ = ["load", "saved_model_path", "NAMES"]
+
+NAMES = ("omniglot",)
+_DEFAULT_DIRECTORY = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "saved_models"
+)
+
+
+def _model_dir(name, directory):
+    if not isinstance(name, str):
+        raise TypeError(
+            f"Expected `name` to be a string, one of {list(NAMES)}. "
+            f"Received: name={name!r} of type {type(name).__name__}"
+        )
+    if name not in NAMES:
+        raise ValueError(
+            f"Expected `name` to be one of {list(NAMES)}. Received: name={name!r}"
+        )
+    path = os.path.join(directory or _DEFAULT_DIRECTORY, name)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"No shipped model {name!r} in {path}. It is part of the "
+            "repository (saved_models/); with a package installed elsewhere "
+            "pass `directory=` pointing at a checkout's saved_models/."
+        )
+    return path
+
+
+def load(name="omniglot", directory=None):
+    """Loads a shipped meta-trained `ReptileModel`, compiled and ready to adapt.
+
+    Args:
+        name: Which model: `"omniglot"` (conv4 with the prototype head,
+            meta-trained on Omniglot's small1 alphabets; 28x28x1 drawings,
+            strokes 1.0 on 0.0; any 2 to 20 ways; see its model card).
+        directory: The `saved_models` directory to read; default: the one
+            beside the package in a checkout.
+
+    Returns:
+        The `keras_reptile.ReptileModel`.
+
+    Raises:
+        TypeError: if `name` is not a string.
+        ValueError: if `name` is not one of `NAMES`.
+        FileNotFoundError: if `directory` holds no such model.
+
+    Example:
+
+    >>> import numpy as np, keras_reptile
+    >>> model = keras_reptile.pretrained.load("omniglot")
+    >>> x = np.random.rand(3, 28, 28, 1).astype("float32")
+    >>> adapted = model.adapt(x, np.arange(3))
+    >>> adapted.predict(x, verbose=0).shape
+    (3, 20)
+    """
+    path = os.path.join(_model_dir(name, directory), "model.keras")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No model.keras in {os.path.dirname(path)}.")
+    # Importing the package registers its classes for deserialisation.
+    import keras_reptile  # noqa: F401
+
+    return keras.saving.load_model(path)
+
+
+def saved_model_path(name="omniglot", directory=None):
+    """The shipped SavedModel's version directory (for TF Serving or the demo).
+
+    Args:
+        name: Which model (see `load`).
+        directory: The `saved_models` directory to read (see `load`).
+
+    Returns:
+        The path of `saved_models/<name>/saved_model/<version>` with the
+        highest version.
+
+    Raises:
+        TypeError: if `name` is not a string.
+        ValueError: if `name` is not one of `NAMES`.
+        FileNotFoundError: if there is no SavedModel version to serve.
+    """
+    base = os.path.join(_model_dir(name, directory), "saved_model")
+    versions = sorted(int(v) for v in os.listdir(base) if v.isdigit()) if os.path.isdir(
+        base) else []
+    if not versions:
+        raise FileNotFoundError(f"No SavedModel version under {base}.")
+    path = os.path.join(base, str(versions[-1]))
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise FileNotFoundError(f"No saved_model.pb in {path}.")
+    return path
