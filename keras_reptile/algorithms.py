@@ -86,6 +86,10 @@ class TaskResult(NamedTuple):
 class MetaAlgorithm:
     """Base class: the two hooks a meta-learning algorithm defines."""
 
+    # Whether the meta-step's inner loop recomputes each step's activations
+    # when the outer gradient is taken through it (see `MAML`).
+    recompute_inner_steps = False
+
     def adapt_task(self, adapt, query, theta):
         """Adapts to one task. See the module docstring.
 
@@ -150,6 +154,14 @@ class MAML(MetaAlgorithm):
             differentiated through the whole inner loop (second order). If
             True, the inner loop counts as the identity (FOMAML): the
             gradient at φ, plus whatever flows through a head computed from θ.
+        recompute_inner_steps: Second order only. If True, the compiled
+            meta-step keeps only each inner step's inputs (weights and
+            optimizer state) for the backward pass and recomputes the step's
+            activations there, so memory no longer grows with the inner
+            steps' activations, for about one more forward and backward
+            pass per inner step (see the README's measurements). The inner
+            loop is then unrolled whatever its length. Same gradient to
+            float rounding.
 
     Example:
 
@@ -160,13 +172,22 @@ class MAML(MetaAlgorithm):
     MAML(first_order=True)
     """
 
-    def __init__(self, first_order=False):
-        if not isinstance(first_order, bool):
-            raise TypeError(
-                "Expected `first_order` to be a bool. Received: "
-                f"first_order={first_order!r}"
+    def __init__(self, first_order=False, recompute_inner_steps=False):
+        for name, value in (("first_order", first_order),
+                            ("recompute_inner_steps", recompute_inner_steps)):
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"Expected `{name}` to be a bool. Received: {name}={value!r}"
+                )
+        if first_order and recompute_inner_steps:
+            raise ValueError(
+                "Expected `recompute_inner_steps=False` with `first_order=True`: "
+                "first-order MAML keeps no inner-step activations for its "
+                "gradient, so there is nothing to recompute. Received: "
+                "first_order=True, recompute_inner_steps=True"
             )
         self.first_order = first_order
+        self.recompute_inner_steps = recompute_inner_steps
 
     def adapt_task(self, adapt, query, theta):
         with tf.GradientTape() as tape:
@@ -191,7 +212,11 @@ class MAML(MetaAlgorithm):
         return [tf.add_n(list(g)) / len(results) for g in zip(*grads)]
 
     def get_config(self):
-        return {"first_order": self.first_order}
+        config = {"first_order": self.first_order}
+        if self.recompute_inner_steps:
+            # Only when set: configs and repr stay as they were otherwise.
+            config["recompute_inner_steps"] = True
+        return config
 
 
 _BY_NAME = {

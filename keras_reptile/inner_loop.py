@@ -356,6 +356,7 @@ def adapt(
     optimizer_state=None,
     first_iteration=0,
     return_optimizer_state=False,
+    recompute=False,
 ):
     """Adapts weights to one task, functionally.
 
@@ -373,8 +374,9 @@ def adapt(
             model adds itself (regularisers, activity losses) are added,
             computed from the adapted weights.
         optimizer: An `InnerOptimizer`.
-        steps: Number of steps; a Python int up to `MAX_UNROLLED_STEPS` is
-            unrolled, anything else runs in a `tf.while_loop`.
+        steps: Number of steps; a Python int up to `MAX_UNROLLED_STEPS` (any
+            Python int with `recompute`) is unrolled, anything else runs in
+            a `tf.while_loop`.
         batch_size: Rows per step, Python int.
         optimizer_state: The optimizer state to start from (as returned by
             `InnerOptimizer.init`); `None` for a fresh optimizer.
@@ -382,12 +384,22 @@ def adapt(
             (learning-rate schedules and bias corrections use it).
         return_optimizer_state: Whether to also return the final optimizer
             state.
+        recompute: Whether a gradient taken through the loop (second-order
+            MAML) recomputes each step's activations from the step's inputs
+            instead of keeping them: memory for the carried weights and
+            optimizer state per step instead of every activation, for about
+            one more forward and backward pass per step.
 
     Returns:
         `(trainable, non_trainable)` after adaptation, and the optimizer
         state if `return_optimizer_state`.
     """
-    if isinstance(steps, int) and steps > MAX_UNROLLED_STEPS:
+    if recompute and not isinstance(steps, int):
+        raise ValueError(
+            "Expected a Python int number of steps with `recompute=True` (the "
+            f"recomputed loop is unrolled). Received: steps={steps!r}"
+        )
+    if isinstance(steps, int) and steps > MAX_UNROLLED_STEPS and not recompute:
         steps = tf.constant(steps, tf.int32)
     num_rows = tf.shape(x)[0]
     offsets = tf.range(batch_size)
@@ -412,6 +424,8 @@ def adapt(
         params, state = optimizer.update(grads, params, state, iteration)
         return params, state, list(new_nt)
 
+    if recompute:
+        step_fn = _recomputed(step_fn)
     params = list(trainable)
     if optimizer_state is None:
         optimizer_state = optimizer.init(params)
@@ -420,3 +434,42 @@ def adapt(
     if return_optimizer_state:
         return list(params), list(nt), optimizer_state
     return list(params), list(nt)
+
+
+def _recomputed(step_fn):
+    """`step_fn` whose activations are recomputed when differentiated.
+
+    A custom gradient keeps only a step's inputs (the carried weights,
+    optimizer state and statistics) for the backward pass and runs the step
+    again there, under a tape, to differentiate it; the step's own inner
+    `GradientTape` is recorded by that tape, so second-order terms are kept.
+    (`tf.recompute_grad` cannot be used: it runs the forward pass with
+    recording stopped, and the step needs its inner tape.) Only for unrolled
+    loops: inside a `tf.while_loop` the gradient would capture tensors from
+    outside the loop body.
+    """
+
+    def step(t, carry):
+        flat = tf.nest.flatten(carry)
+
+        @tf.custom_gradient
+        def run(*inputs):
+            def call(values):
+                return tf.nest.flatten(
+                    step_fn(t, tf.nest.pack_sequence_as(carry, list(values)))
+                )
+
+            def grad(*upstream):
+                with tf.GradientTape() as tape:
+                    tape.watch(inputs)
+                    again = call(inputs)
+                return tape.gradient(
+                    again, list(inputs), output_gradients=list(upstream),
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+
+            return call(inputs), grad
+
+        return tf.nest.pack_sequence_as(carry, list(run(*flat)))
+
+    return step

@@ -28,6 +28,9 @@ class _Settings(NamedTuple):
     steps: Any
     batch_size: int
     transductive: bool
+    # Recompute each inner step's activations in the backward pass (memory
+    # for time, for algorithms that differentiate through the inner loop).
+    recompute: bool = False
 
 
 def _fixed_at_construction(name):
@@ -342,7 +345,8 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
 
     def _train_settings(self):
         # Training reports query metrics in training mode: one cheap pass.
-        return _Settings(self.inner_steps, self.inner_batch_size, True)
+        return _Settings(self.inner_steps, self.inner_batch_size, True,
+                         self.algorithm.recompute_inner_steps)
 
     def _eval_settings(self, steps=None):
         steps = self.eval_inner_steps if steps is None else steps
@@ -652,6 +656,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
             optimizer_state=optimizer_state,
             first_iteration=first_iteration,
             return_optimizer_state=True,
+            recompute=settings.recompute,
         )
         if not settings.transductive:
             state = self._support_statistics(weights, state, support_x)

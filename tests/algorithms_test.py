@@ -68,6 +68,7 @@ def _one_meta_step(algorithm, mode):
         (algorithms.MAML(first_order=True), 1.04),
         ("maml", 1.0448),
         (algorithms.MAML(), 1.0448),
+        (algorithms.MAML(recompute_inner_steps=True), 1.0448),
     ],
 )
 def test_one_meta_step_matches_hand_derivation(algorithm, expected, mode):
@@ -146,8 +147,9 @@ def _tasks(classify, seed=0):
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("head", [False, True])
-def test_maml_gradient_equals_central_finite_differences(head, mode):
+def test_maml_gradient_equals_central_finite_differences(head, recompute, mode):
     # MAML's outer gradient (the second-order term included) is the gradient
     # of the mean query loss after adaptation; outer SGD(1) makes the
     # meta-step theta -> theta - gradient, so the gradient is read off it.
@@ -182,7 +184,8 @@ def test_maml_gradient_equals_central_finite_differences(head, mode):
 
     model = ReptileModel(
         net, inner_optimizer=keras.optimizers.SGD(0.3), inner_steps=3,
-        inner_batch_size=2, algorithm="maml", head="prototype" if head else None,
+        inner_batch_size=2, algorithm=algorithms.MAML(recompute_inner_steps=recompute),
+        head="prototype" if head else None,
     )
     model.compile(optimizer=keras.optimizers.SGD(1.0), loss=_loss(classify), **MODES[mode])
     model.train_on_batch({
@@ -233,5 +236,59 @@ def test_algorithm_names_configs_and_errors():
         algorithms.get("sgd")
     with pytest.raises(TypeError, match="Expected `first_order` to be a bool"):
         algorithms.MAML(first_order="yes")
+    with pytest.raises(TypeError, match="Expected `recompute_inner_steps` to be a bool"):
+        algorithms.MAML(recompute_inner_steps=1)
+    with pytest.raises(ValueError, match="nothing to recompute"):
+        algorithms.MAML(first_order=True, recompute_inner_steps=True)
+    recomputing = algorithms.MAML(recompute_inner_steps=True)
+    assert recomputing != algorithms.MAML()
+    assert repr(recomputing) == "MAML(first_order=False, recompute_inner_steps=True)"
+    assert algorithms.get(keras.saving.serialize_keras_object(recomputing)) == recomputing
+    # Configs written before the option existed still load.
+    assert algorithms.MAML.from_config({"first_order": False}) == algorithms.MAML()
     with pytest.raises(ValueError, match="Received: algorithm='protonet'"):
         ReptileModel(_scalar_model(), algorithm="protonet")
+
+
+@pytest.mark.parametrize("mode, steps", [("graph", 12), ("xla", 6)])
+def test_recomputed_inner_steps_give_the_same_meta_step_on_a_conv_net(mode, steps):
+    # A conv net with BatchNorm (float state threaded through the steps)
+    # and Dropout (an integer seed-generator state), Adam, and in graph mode
+    # 12 inner steps (beyond the unrolling threshold: recomputation unrolls
+    # them, the kept version runs a `tf.while_loop`, which XLA cannot
+    # differentiate twice, hence 6 steps there): the
+    # meta-weights and BatchNorm statistics after one MAML meta-step are
+    # those of the step that keeps its activations, to float rounding.
+    rng = np.random.default_rng(0)
+    episode = {
+        "support_x": rng.normal(size=(2, 6, 8, 8, 1)).astype("float32"),
+        "support_y": np.tile(np.arange(3), (2, 2)).astype("int32"),
+        "query_x": rng.normal(size=(2, 3, 8, 8, 1)).astype("float32"),
+        "query_y": np.tile(np.arange(3), (2, 1)).astype("int32"),
+    }
+    results = []
+    for recompute in (False, True):
+        keras.utils.set_random_seed(1)
+        net = keras.Sequential([
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Flatten(),
+            keras.layers.Dropout(0.2, seed=3),
+            keras.layers.Dense(3),
+        ])
+        initial = [w.copy() for w in net.get_weights()]
+        model = ReptileModel(
+            net, inner_optimizer=keras.optimizers.Adam(0.01), inner_steps=steps,
+            inner_batch_size=3, algorithm=algorithms.MAML(recompute_inner_steps=recompute),
+        )
+        model.compile(optimizer=keras.optimizers.SGD(1.0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      **MODES[mode])
+        model.train_on_batch(episode)
+        results.append([w.copy() for w in model.model.get_weights()])
+    for kept, recomputed in zip(*results):
+        np.testing.assert_allclose(recomputed, kept, rtol=1e-5, atol=1e-6)
+    # The step moved the weights (so equal results are not two no-ops).
+    assert max(np.abs(k - i).max() for k, i in zip(results[0], initial)) > 1e-3

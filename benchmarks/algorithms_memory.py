@@ -1,0 +1,136 @@
+"""Peak memory and meta-steps/s of Reptile, FOMAML and MAML by inner steps.
+
+MAML differentiates through the whole inner loop, so the meta-step keeps
+every inner step's activations for its backward pass and its memory grows
+with the number of inner steps (learn2learn#393 and others report the same
+in PyTorch). `MAML(recompute_inner_steps=True)` keeps only each step's
+inputs and recomputes its activations in the backward pass. This measures
+what each costs and saves at the paper's Omniglot 5-way 1-shot meta-step
+(conv4, 64 filters, BatchNorm; meta-batch 5 tasks of 50 support images,
+inner batch 10, inner `Adam(1e-3, beta_1=0)`), at 1, 5 and 10 inner steps:
+
+    python benchmarks/algorithms_memory.py
+    python benchmarks/algorithms_memory.py --inner-steps 1,5 --algorithms maml
+
+Each (algorithm, inner steps) runs in a fresh process, so its peak resident
+memory (`ru_maxrss`) is its own. The process loads TensorFlow, builds the
+model and dataset, records its resident memory, runs one warm-up meta-step
+(the trace and compile) and then `--steps` timed meta-steps with
+`ReptileModel.fit` (default compile settings). Reported: meta-steps/s, the
+peak resident memory, and the peak minus the memory before the first step
+(what the meta-step itself needs). Writes
+`benchmarks/results/algorithms_memory-<timestamp>.json`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+ALGORITHMS = ("reptile", "fomaml", "maml", "maml_recompute")
+
+
+def _rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise OSError("no VmRSS in /proc/self/status")
+
+
+def measure(algorithm, inner_steps, steps):
+    """One configuration, in this process. Returns a dict of numbers."""
+    sys.path.insert(0, REPO)
+    sys.path.insert(0, HERE)
+    import keras
+
+    import keras_reptile
+    import meta_step
+
+    cfg = dict(meta_step.CONFIGS["5way1shot"], inner_steps=inner_steps)
+    keras.utils.set_random_seed(0)
+    chosen = {
+        "maml_recompute": keras_reptile.algorithms.MAML(recompute_inner_steps=True),
+    }.get(algorithm, algorithm)
+    model = keras_reptile.ReptileModel(
+        meta_step.make_backbone(cfg),
+        algorithm=chosen,
+        inner_optimizer=meta_step.make_inner_optimizer(cfg),
+        inner_steps=inner_steps,
+        inner_batch_size=cfg["inner_batch"],
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(meta_step.make_outer_schedule(cfg)),
+        loss=meta_step.make_loss(),
+    )
+    dataset = meta_step.make_dataset(cfg, meta_step.random_omniglot())
+    before = _rss_mib()
+    start = time.perf_counter()
+    model.fit(dataset, steps_per_epoch=1, epochs=1, verbose=0)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(
+        algorithm=algorithm, inner_steps=inner_steps, steps=steps,
+        meta_steps_per_s=steps / seconds, first_step_s=first,
+        rss_before_mib=before, peak_rss_mib=peak, step_peak_mib=peak - before,
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    parser.add_argument("--inner-steps", default="1,5,10")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="Timed meta-steps per configuration.")
+    parser.add_argument("--child", nargs=2, metavar=("ALGORITHM", "INNER_STEPS"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child[0], int(args.child[1]), args.steps)))
+        return None
+    algorithms = args.algorithms.split(",")
+    unknown = sorted(set(algorithms) - set(ALGORITHMS))
+    if unknown:
+        parser.error(f"Expected --algorithms among {list(ALGORITHMS)}. Received: {unknown}")
+    rows = []
+    for inner_steps in [int(s) for s in args.inner_steps.split(",")]:
+        for algorithm in algorithms:
+            result = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--steps", str(args.steps),
+                 "--child", algorithm, str(inner_steps)],
+                capture_output=True, text=True,
+            )
+            if result.returncode:
+                sys.exit(f"{algorithm} at {inner_steps} inner steps failed:\n"
+                         + result.stderr[-3000:])
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            row = rows[-1]
+            print(f"{algorithm:>15} {inner_steps:>3} inner steps: "
+                  f"{row['meta_steps_per_s']:6.2f} meta-steps/s, peak "
+                  f"{row['peak_rss_mib']:6.0f} MiB ({row['step_peak_mib']:+6.0f} MiB "
+                  f"over the built model), first step {row['first_step_s']:.1f} s",
+                  flush=True)
+    out_dir = os.path.join(HERE, "results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, time.strftime("algorithms_memory-%Y%m%d-%H%M%S.json"))
+    with open(path, "w") as f:
+        json.dump({
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "load_average_at_end": list(os.getloadavg()),
+            "steps": args.steps, "rows": rows,
+        }, f, indent=2)
+    print(f"Wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
