@@ -315,3 +315,61 @@ def test_grpc_client_without_serving_api():
     assert process.returncode == 0, process.stderr[-3000:]
     assert "needs the `tensorflow-serving-api` package" in process.stdout
     assert "tensorflow-serving-api==2.21.*" in process.stdout
+
+
+# ----------------------------------------------------------------------
+# The README's serving snippets, as written
+
+
+def _readme_section(title):
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def test_readme_rest_bodies_run_against_an_exported_sine_model(tmp_path):
+    section = _readme_section("Serving")
+    bodies = [json.loads(b) for b in re.findall(r"curl -d '(.*?)'", section, re.S)]
+    urls = re.findall(r"localhost:8501(/v1/models/[^:\s]+:predict)", section)
+    assert len(bodies) == len(urls) == 2, (bodies, urls)
+    # A model like `examples/sine_regression.py` exports (1 input, 1 output,
+    # 32 evaluation steps, so the README's `steps: 32` is within the default
+    # bound of 10 x 32), served under the README's URL.
+    keras.utils.set_random_seed(3)
+    net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(8, activation="tanh"),
+                            keras.layers.Dense(1)])
+    model = ReptileModel(net, inner_optimizer=keras.optimizers.SGD(0.02),
+                         eval_inner_steps=32)
+    model.compile(loss="mse")
+    loaded = tf.saved_model.load(model.export(tmp_path / "sine" / "1", verbose=False))
+    for body, url in zip(bodies, urls):
+        assert url == "/v1/models/sine:predict"
+        signature = loaded.signatures[body["signature_name"]]
+        outputs = signature(**_decode_like_tf_serving(signature, body["inputs"]))
+        inputs = body["inputs"]
+        if "support_x" in inputs:
+            expected = model.adapt_and_predict(
+                np.asarray(inputs["support_x"], "float32"),
+                np.asarray(inputs["support_y"], "float32"),
+                np.asarray(inputs["query_x"], "float32"), steps=inputs.get("steps"))
+        else:
+            expected = model.predict(np.asarray(inputs["x"], "float32"), verbose=0)
+        np.testing.assert_allclose(outputs["outputs"].numpy(), expected, **TOL)
+
+
+def test_readme_python_signature_call_runs_as_written(exported):
+    section = _readme_section("Serving")
+    call = re.search(r"`(tf\.saved_model\.load\(path\)\.signatures\[.*?\))`", section, re.S)
+    assert call, "the README's Python call is gone"
+    # The README elides the arguments' values with `...`: fill them in.
+    source = " ".join(call.group(1).split())
+    assert source == ('tf.saved_model.load(path).signatures["adapt_and_predict"]'
+                      '(support_x=..., support_y=..., query_x=...)'), source
+    d = exported["data"]["clf"]
+    filled = source.replace("support_x=...", "support_x=tf.constant(d['support_x'])")
+    filled = filled.replace("support_y=...", "support_y=tf.constant(d['support_y'])")
+    filled = filled.replace("query_x=...", "query_x=tf.constant(d['query_x'])")
+    outputs = eval(filled, {"tf": tf, "path": exported["dirs"]["clf"], "d": d})
+    np.testing.assert_allclose(outputs["outputs"].numpy(), _expected(exported, "clf"), **TOL)
