@@ -450,25 +450,43 @@ def _recomputed(step_fn):
     """
 
     def step(t, carry):
-        flat = tf.nest.flatten(carry)
+        # Distinct tensors per slot: one tensor in two slots (Adam's zero
+        # moments, say) would get each slot's gradient twice.
+        flat = [tf.identity(v) for v in tf.nest.flatten(carry)]
+        floating = [v.dtype.is_floating for v in flat]
+
+        def call(values):
+            return tf.nest.flatten(step_fn(t, tf.nest.pack_sequence_as(carry, list(values))))
 
         @tf.custom_gradient
         def run(*inputs):
-            def call(values):
-                return tf.nest.flatten(
-                    step_fn(t, tf.nest.pack_sequence_as(carry, list(values)))
-                )
-
             def grad(*upstream):
+                # The recomputation must wait for the backward pass: a data
+                # dependency on the incoming gradient (as tf.recompute_grad
+                # does; control dependencies are not kept by XLA), which
+                # also keeps graph optimisers from merging it with the
+                # forward pass.
+                probe = next(u for u in upstream if u is not None and u.dtype.is_floating)
+                probe = tf.reduce_max(tf.reshape(probe, [-1])[:1])
+                zero = tf.where(tf.math.is_nan(probe), float("nan"), 0.0)
+                again_inputs = [
+                    v + tf.cast(zero, v.dtype) if f else v for v, f in zip(inputs, floating)
+                ]
                 with tf.GradientTape() as tape:
-                    tape.watch(inputs)
-                    again = call(inputs)
-                return tape.gradient(
-                    again, list(inputs), output_gradients=list(upstream),
+                    tape.watch([v for v, f in zip(again_inputs, floating) if f])
+                    again = call(again_inputs)
+                grads = tape.gradient(
+                    again, [v for v, f in zip(again_inputs, floating) if f],
+                    output_gradients=list(upstream),
                     unconnected_gradients=tf.UnconnectedGradients.ZERO,
                 )
+                grads = iter(grads)
+                return [next(grads) if f else None for f in floating]
 
-            return call(inputs), grad
+            # The forward pass keeps nothing for the outer tape (which in
+            # eager mode would otherwise record every activation); its inner
+            # tape watches the weights itself.
+            return call([tf.stop_gradient(v) for v in inputs]), grad
 
         return tf.nest.pack_sequence_as(carry, list(run(*flat)))
 

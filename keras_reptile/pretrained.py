@@ -31,9 +31,11 @@ def _model_dir(name, directory):
     path = os.path.join(directory or _DEFAULT_DIRECTORY, name)
     if not os.path.isdir(path):
         raise FileNotFoundError(
-            f"No shipped model {name!r} in {path}. It is part of the "
+            f"No shipped model {name!r} in {path}: expected a directory with "
+            "`model.keras` and `saved_model/`. The models are part of the "
             "repository (saved_models/); with a package installed elsewhere "
-            "pass `directory=` pointing at a checkout's saved_models/."
+            "pass `directory=` pointing at a checkout's saved_models/. "
+            f"Received: directory={directory!r}"
         )
     return path
 
@@ -91,8 +93,9 @@ def saved_model_path(name="omniglot", directory=None):
         FileNotFoundError: if there is no SavedModel version to serve.
     """
     base = os.path.join(_model_dir(name, directory), "saved_model")
-    versions = sorted(int(v) for v in os.listdir(base) if v.isdigit()) if os.path.isdir(
-        base) else []
+    versions = []
+    if os.path.isdir(base):
+        versions = sorted(int(v) for v in os.listdir(base) if v.isdigit())
     if not versions:
         raise FileNotFoundError(f"No SavedModel version under {base}.")
     path = os.path.join(base, str(versions[-1]))

@@ -532,6 +532,9 @@ TRIGGERS = {
     "he-get": lambda: heads.get("linear"),
     "al-get": lambda: algorithms.get("sgd"),
     "al-maml": lambda: algorithms.MAML(first_order="yes"),
+    "al-maml-recompute-type": lambda: algorithms.MAML(recompute_inner_steps=1),
+    "al-maml-recompute-fo": lambda: algorithms.MAML(first_order=True,
+                                                    recompute_inner_steps=True),
     "io-type": lambda: inner_loop.get_optimizer(keras.optimizers.Ftrl()),
     "io-option": lambda: inner_loop.get_optimizer(
         keras.optimizers.SGD(gradient_accumulation_steps=2)

@@ -143,6 +143,53 @@ def test_adapted_weights_are_differentiable_through_the_inner_loop():
     np.testing.assert_allclose(tape.gradient(w_adapted, w).numpy(), [[0.2]], rtol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "graph"])
+def test_recompute_runs_each_step_again_in_the_backward_pass_only(compiled):
+    # y = w * x, SGD 0.1, squared error on (2, 1), 3 steps from w = 3:
+    #   w' = w - 0.4 (2w - 1) = 0.2 w + 0.4: 3 -> 1.0 -> 0.6 -> 0.52, and
+    #   dw'/dw = 0.2 per step, so d(w_3)/dw = 0.008.
+    # The loss function is called once per step in the forward pass; with
+    # `recompute` once more per step when the gradient is taken, after the
+    # forward pass (the recomputation waits for the incoming gradient).
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+    rule = inner_loop.InnerOptimizer(keras.optimizers.SGD(0.1), model.trainable_variables)
+    calls = []
+
+    def loss_fn(yt, yp):
+        calls.append("loss")  # at trace time under tf.function
+        return tf.reduce_sum(tf.square(yp - yt))
+
+    def adapt_and_differentiate(w, recompute):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            (adapted,), _ = inner_loop.adapt(
+                model, [w], [], tf.constant([[2.0]]), tf.constant([[1.0]]),
+                loss_fn=loss_fn, optimizer=rule, steps=3, batch_size=1,
+                recompute=recompute,
+            )
+        calls.append("forward done")
+        return adapted, tape.gradient(adapted, w)
+
+    w = tf.constant([[3.0]])
+    for recompute, expected_calls in ((False, 3), (True, 6)):
+        calls.clear()
+        run = tf.function(adapt_and_differentiate) if compiled else adapt_and_differentiate
+        adapted, gradient = run(w, recompute)
+        np.testing.assert_allclose(adapted.numpy(), [[0.52]], rtol=1e-6)
+        np.testing.assert_allclose(gradient.numpy(), [[0.008]], rtol=1e-5)
+        assert calls.count("loss") == expected_calls, calls
+        assert calls.index("forward done") == 3, calls
+
+
+def test_recompute_needs_a_python_int_number_of_steps():
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    rule = inner_loop.InnerOptimizer(keras.optimizers.SGD(0.1), model.trainable_variables)
+    with pytest.raises(ValueError, match="Expected a Python int number of steps"):
+        inner_loop.adapt(model, [tf.convert_to_tensor(v) for v in model.trainable_variables],
+                         [], tf.ones((2, 1)), tf.ones((2, 1)), loss_fn=LOSS,
+                         optimizer=rule, steps=tf.constant(3), batch_size=1, recompute=True)
+
+
 def test_regularization_losses_use_the_adapted_weights():
     # Loss = 0 data term + 0.5 * w^2 (L2 with l2=0.5); SGD lr 0.1:
     #   w' = w - 0.1 * w = 0.9 w  per step, so two steps give 0.81 w.

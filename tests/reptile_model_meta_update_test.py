@@ -1,5 +1,6 @@
 """`ReptileModel.meta_update`: one meta-step on one task that arrives later."""
 
+import itertools
 import json
 import math
 import os
@@ -192,11 +193,11 @@ def _sine_learner_and_drifted_tasks():
     return model, drifted
 
 
-def _drifting_tasks(rng, count, rows):
-    """`count` sine tasks (x, y) of `rows` points whose phase's centre moves
-    from 0.25 to pi - 0.25 over the first 70% of them and stays there."""
-    for i in range(count):
-        centre = 0.25 + (math.pi - 0.5) * min(1.0, i / (0.7 * count))
+def _drifting_tasks(rng, rows, drift):
+    """Endless sine tasks (x, y) of `rows` points whose phase's centre moves
+    from 0.25 to pi - 0.25 over the first `drift` tasks and stays there."""
+    for i in itertools.count():
+        centre = 0.25 + (math.pi - 0.5) * min(1.0, i / drift)
         phase = rng.uniform(centre - 0.25, centre + 0.25)
         amplitude = rng.uniform(0.1, 5.0)
         x = rng.uniform(-5.0, 5.0, size=(rows, 1)).astype("float32")
@@ -212,7 +213,8 @@ def test_a_stream_of_meta_updates_follows_drifting_sine_tasks():
     # The assertion allows 0.6.
     model, drifted = _sine_learner_and_drifted_tasks()
     not_updated = model.evaluate(drifted, steps=10, verbose=0)
-    for x, y in _drifting_tasks(np.random.default_rng(2), 100, rows=10):
+    tasks = _drifting_tasks(np.random.default_rng(2), rows=10, drift=70)
+    for x, y in itertools.islice(tasks, 100):
         logs = model.meta_update(x, y)
         assert np.isfinite(logs["loss"])
     updated = model.evaluate(drifted, steps=10, verbose=0)
@@ -222,19 +224,16 @@ def test_a_stream_of_meta_updates_follows_drifting_sine_tasks():
 def test_fit_on_an_endless_drifting_task_stream_follows_it():
     # The same drift, as an endless `tf.data` stream of meta-batches of 4
     # tasks that `fit` consumes 100 meta-steps of (the drift completes
-    # within the first 70 meta-batches, as above).
+    # within the first 70 meta-batches, as above, then stays).
     model, drifted = _sine_learner_and_drifted_tasks()
     not_updated = model.evaluate(drifted, steps=10, verbose=0)
 
     def stream():
-        rng = np.random.default_rng(2)
+        tasks = _drifting_tasks(np.random.default_rng(2), rows=20, drift=280)
         while True:  # endless: `fit` takes what it needs
-            tasks = list(_drifting_tasks(rng, 400, rows=20))
-            for b in range(0, 400, 4):
-                x = np.stack([t[0] for t in tasks[b:b + 4]])
-                y = np.stack([t[1] for t in tasks[b:b + 4]])
-                yield {"support_x": x[:, :10], "support_y": y[:, :10],
-                       "query_x": x[:, 10:], "query_y": y[:, 10:]}
+            x, y = (np.stack(a) for a in zip(*itertools.islice(tasks, 4)))
+            yield {"support_x": x[:, :10], "support_y": y[:, :10],
+                   "query_x": x[:, 10:], "query_y": y[:, 10:]}
 
     spec = {
         "support_x": tf.TensorSpec([4, 10, 1], tf.float32),
