@@ -15,12 +15,14 @@ inner batch 10, inner `Adam(1e-3, beta_1=0)`), at 1, 5 and 10 inner steps:
 Each (algorithm, inner steps) runs in a fresh process (Linux: it reads
 `/proc/self/status`). The process loads TensorFlow, builds the model and
 dataset, runs two warm-up meta-steps (the first traces and compiles), resets
-its peak resident memory (`VmHWM`, via `/proc/self/clear_refs`) and runs
-`--steps` timed meta-steps with `ReptileModel.fit` (default compile
-settings). Reported: meta-steps/s, the peak resident memory during the timed
-steps, and that peak minus the resident memory just before them (what the
-meta-steps themselves need at their peak; activations kept for the backward
-pass are allocated and freed within each step). Writes
+the peak statistics and runs `--steps` timed meta-steps with
+`ReptileModel.fit` (default compile settings). Reported: meta-steps/s; the
+peak tensor memory of a meta-step (TensorFlow's CPU allocator,
+`tf.config.experimental.get_memory_info`: bytes of live tensors at the
+peak, above those live before the steps; this is where activations kept for
+the backward pass show); and the process's peak resident memory during the
+first step (tracing and graph optimisation dominate it) and during the timed
+steps (`VmHWM`, reset via `/proc/self/clear_refs`). Writes
 `benchmarks/results/algorithms_memory-<timestamp>.json`.
 """
 
@@ -59,6 +61,7 @@ def measure(algorithm, inner_steps, steps):
     sys.path.insert(0, REPO)
     sys.path.insert(0, HERE)
     import keras
+    import tensorflow as tf
 
     import keras_reptile
     import meta_step
@@ -87,16 +90,18 @@ def measure(algorithm, inner_steps, steps):
     first_peak = _status_mib("VmHWM")
     model.fit(dataset, steps_per_epoch=1, epochs=1, verbose=0)
     _reset_peak()
-    before = _status_mib("VmRSS")
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    tensors_before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     start = time.perf_counter()
     model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0)
     seconds = time.perf_counter() - start
-    peak = _status_mib("VmHWM")
+    tensors = tf.config.experimental.get_memory_info("CPU:0")
     return dict(
         algorithm=algorithm, inner_steps=inner_steps, steps=steps,
         meta_steps_per_s=steps / seconds, first_step_s=first,
-        rss_built_mib=built, first_step_peak_mib=first_peak,
-        rss_before_mib=before, peak_rss_mib=peak, step_peak_mib=peak - before,
+        rss_built_mib=built, first_step_peak_rss_mib=first_peak,
+        peak_rss_mib=_status_mib("VmHWM"),
+        step_peak_tensor_mib=(tensors["peak"] - tensors_before) / 2**20,
     )
 
 
@@ -130,10 +135,11 @@ def main(argv=None):
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
             row = rows[-1]
             print(f"{algorithm:>15} {inner_steps:>3} inner steps: "
-                  f"{row['meta_steps_per_s']:6.2f} meta-steps/s, peak "
-                  f"{row['peak_rss_mib']:6.0f} MiB ({row['step_peak_mib']:+6.0f} MiB "
-                  f"over the steps' start), first step {row['first_step_s']:.1f} s",
-                  flush=True)
+                  f"{row['meta_steps_per_s']:6.2f} meta-steps/s, peak tensor memory of "
+                  f"a meta-step {row['step_peak_tensor_mib']:7.1f} MiB, process peak RSS "
+                  f"{row['first_step_peak_rss_mib']:5.0f} MiB (first step, with "
+                  f"compilation) / {row['peak_rss_mib']:5.0f} MiB (timed steps), first "
+                  f"step {row['first_step_s']:.1f} s", flush=True)
     out_dir = os.path.join(HERE, "results")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, time.strftime("algorithms_memory-%Y%m%d-%H%M%S.json"))
