@@ -70,9 +70,8 @@ def load(name="omniglot", directory=None):
     path = os.path.join(_model_dir(name, directory), "model.keras")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No model.keras in {os.path.dirname(path)}.")
-    # Importing the package registers its classes for deserialisation.
-    import keras_reptile  # noqa: F401
-
+    # The package's classes are registered for deserialisation: this module
+    # is imported with `keras_reptile`.
     return keras.saving.load_model(path)
 
 
