@@ -303,3 +303,42 @@ def test_string_episode_labels_are_a_type_error_before_training():
         model.fit(tf.data.Dataset.from_tensors(episode).repeat(), steps_per_epoch=1,
                   verbose=0)
     _assert_unchanged(model, before)
+
+
+def test_safe_mode_loading_refuses_code_in_a_keras_file_and_runs_none(tmp_path):
+    # A `.keras` file whose wrapped network carries Python code (a Lambda
+    # layer whose function, when run, writes a marker file). Loading it with
+    # `safe_mode=True` (Keras's default) must refuse before running it, and
+    # the library's own classes must not be a way around that. The same file
+    # of a network without code loads under `safe_mode=True`.
+    marker = tmp_path / "code_ran"
+    # A Python lambda is saved as bytecode: what safe mode exists to refuse.
+    # The path is a constant of its code (Keras restores no closure or
+    # default arguments of a lambda).
+    side_effect = eval(
+        f"lambda x: (__import__('pathlib').Path({str(marker)!r}).write_text('ran'), x)[1]"
+    )
+
+    def save(net, name):
+        model = ReptileModel(net, inner_steps=1, eval_inner_steps=1)
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        model.build((None, 2))
+        path = tmp_path / name
+        model.save(path)
+        return path
+
+    unsafe = save(keras.Sequential([
+        keras.Input((2,)), keras.layers.Lambda(side_effect), keras.layers.Dense(1),
+    ]), "unsafe.keras")
+    marker.unlink(missing_ok=True)  # building the model ran the Lambda once
+    with pytest.raises(ValueError, match="safe_mode"):
+        keras.saving.load_model(unsafe, safe_mode=True)
+    assert not marker.exists()
+    # The check is not vacuous: the same file, loaded unsafely and called,
+    # does run the code.
+    keras.saving.load_model(unsafe, safe_mode=False).model(np.ones((1, 2), "float32"))
+    assert marker.read_text() == "ran"
+
+    safe = save(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]), "safe.keras")
+    loaded = keras.saving.load_model(safe, safe_mode=True)
+    assert isinstance(loaded, ReptileModel)
