@@ -7,6 +7,7 @@ TF Serving layout) and `MODEL_CARD.md` (data, command, accuracy, limits).
 """
 
 import os
+import zipfile
 
 import keras
 
@@ -57,6 +58,7 @@ def load(name="omniglot", directory=None):
         TypeError: if `name` is not a string.
         ValueError: if `name` is not one of `NAMES`.
         FileNotFoundError: if `directory` holds no such model.
+        ValueError: if its `model.keras` is truncated or damaged.
 
     Example:
 
@@ -70,6 +72,14 @@ def load(name="omniglot", directory=None):
     path = os.path.join(_model_dir(name, directory), "model.keras")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No model.keras in {os.path.dirname(path)}.")
+    if not zipfile.is_zipfile(path):
+        # Keras would say "File not found" of a file that is there.
+        raise ValueError(
+            f"Expected {path} to be a `.keras` file (a zip archive). Received: a "
+            f"file of {os.path.getsize(path)} bytes that is not one (truncated or "
+            "damaged; restore it from the repository, e.g. `git checkout -- "
+            f"{os.path.relpath(path)}`)."
+        )
     # The package's classes are registered for deserialisation: this module
     # is imported with `keras_reptile`.
     return keras.saving.load_model(path)

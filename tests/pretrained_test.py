@@ -101,3 +101,17 @@ def test_bad_names_or_a_missing_directory_are_clear_errors(tmp_path):
         keras_reptile.pretrained.load("omniglot", directory=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="No saved_model.pb in"):
         keras_reptile.pretrained.saved_model_path("omniglot", directory=str(tmp_path))
+
+
+def test_a_damaged_model_file_is_named_not_reported_missing(tmp_path):
+    # Keras says "File not found" of a `.keras` file that is there but is no
+    # zip archive; the shipped model's loader names the file and the fault.
+    (tmp_path / "omniglot").mkdir()
+    path = tmp_path / "omniglot" / "model.keras"
+    with open(os.path.join(SHIPPED, "model.keras"), "rb") as f:
+        path.write_bytes(f.read(1000))  # truncated
+    with pytest.raises(ValueError) as raised:
+        keras_reptile.pretrained.load("omniglot", directory=str(tmp_path))
+    message = str(raised.value)
+    assert f"Expected {path} to be a `.keras` file (a zip archive)" in message
+    assert "a file of 1000 bytes" in message
