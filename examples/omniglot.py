@@ -63,6 +63,15 @@ PRESETS = {
     "20way5shot": dict(ways=20, shots=5, inner_batch_size=20, inner_steps=10,
                        inner_lr=5e-4, meta_steps=200_000, eval_inner_batch_size=10),
 }
+# Test protocols by name: (ways, shots, all classes from one alphabet).
+PROTOCOLS = {
+    "5way1shot": (5, 1, False),
+    "5way5shot": (5, 5, False),
+    "20way1shot": (20, 1, False),
+    "20way5shot": (20, 5, False),
+    "20way1shot_within": (20, 1, True),
+    "20way5shot_within": (20, 5, True),
+}
 TRAIN_SHOTS = 10
 META_BATCH = 5
 EVAL_INNER_STEPS = 50
@@ -125,8 +134,21 @@ def parse_args(argv=None):
                         "annealed linearly to 0 (default 1e-3).")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="Stop meta-training after this many seconds of "
-                        "meta-steps (for equal-wall-time comparisons); the "
-                        "outer schedule still spans --meta-steps.")
+                        "meta-steps (validation not counted), for "
+                        "equal-wall-time comparisons.")
+    parser.add_argument("--anneal", choices=["steps", "time"], default="steps",
+                        help="steps: the outer learning rate goes linearly to 0 "
+                        "over --meta-steps. time: over --time-budget seconds of "
+                        "meta-steps instead, so algorithms of different speeds "
+                        "all finish their schedule within the same budget "
+                        "(a resumed run restarts the clock).")
+    parser.add_argument("--protocols", default=None,
+                        help="Comma-separated test protocols among "
+                        f"{', '.join(PROTOCOLS)}; default: the preset's ways at "
+                        "1 and 5 shots for 5-way presets, the preset's shots "
+                        "for 20-way, plus the 5-way ones with the prototype "
+                        "head and within-alphabet 20-way for 20-way presets "
+                        "and the prototype head.")
     parser.add_argument("--name", default=None,
                         help="Output sub-directory (default: the preset, with the "
                         "algorithm and head appended when they are not the defaults).")
@@ -165,16 +187,24 @@ def load_splits(args, ways):
     return train, val, test, test_name
 
 
+def outer_learning_rate(args):
+    """The outer learning rate before annealing: Reptile's epsilon or Adam's."""
+    return args.outer_lr or (1.0 if args.algorithm == "reptile" else 1e-3)
+
+
 def build_model(config, args):
     # With the prototype head the output size only bounds the ways per task.
     outputs = max(20, config["ways"]) if args.head == "prototype" else config["ways"]
     backbone = keras_reptile.models.conv4((28, 28, 1), num_classes=outputs)
+    outer_lr = outer_learning_rate(args)
+    if args.anneal == "steps":
+        # Otherwise TimeAnnealing sets the (variable) learning rate per meta-step.
+        outer_lr = keras.optimizers.schedules.PolynomialDecay(
+            outer_lr, config["meta_steps"], 0.0)
     if args.algorithm == "reptile":
-        outer = keras.optimizers.SGD(keras.optimizers.schedules.PolynomialDecay(
-            args.outer_lr or 1.0, config["meta_steps"], 0.0))
+        outer = keras.optimizers.SGD(outer_lr)
     else:
-        outer = keras.optimizers.Adam(keras.optimizers.schedules.PolynomialDecay(
-            args.outer_lr or 1e-3, config["meta_steps"], 0.0))
+        outer = keras.optimizers.Adam(outer_lr)
     model = keras_reptile.ReptileModel(
         backbone,
         algorithm=args.algorithm,
@@ -196,17 +226,33 @@ def build_model(config, args):
 
 
 class MetaStepTimer(keras.callbacks.Callback):
-    """Records the wall time spent in training batches (not validation)."""
+    """Records the wall time spent in training batches (not validation).
+
+    The first batch of each `fit` also traces and compiles the step; it is
+    kept apart in `first_step_seconds` and not counted in `seconds`, so a
+    time budget buys every algorithm the same seconds of meta-steps.
+    """
 
     def __init__(self):
         super().__init__()
         self.seconds = 0.0
+        self.steps = 0
+        self.first_step_seconds = None
+
+    def on_train_begin(self, logs=None):
+        self._first = True
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.seconds += time.perf_counter() - self._start
+        elapsed = time.perf_counter() - self._start
+        if self._first:
+            self._first = False
+            self.first_step_seconds = elapsed
+        else:
+            self.seconds += elapsed
+            self.steps += 1
 
 
 def train_baseline(train, seconds, args):
@@ -233,23 +279,35 @@ def train_baseline(train, seconds, args):
     features = keras.Model(network.inputs, network.get_layer("flatten").output)
     return features, {
         "epochs": len(history.history["loss"]),
-        "seconds": round(stop.elapsed, 1),
+        "seconds": round(stop.seconds, 1),
         "final_train_accuracy": float(history.history["accuracy"][-1]),
     }
 
 
-class TimeBudget(keras.callbacks.Callback):
+class TimeBudget(MetaStepTimer):
+    """Stops training after `seconds` of training batches (not validation or compiling)."""
+
     def __init__(self, seconds):
         super().__init__()
-        self.seconds = seconds
-
-    def on_train_begin(self, logs=None):
-        self._start = time.perf_counter()
+        self.budget = seconds
 
     def on_train_batch_end(self, batch, logs=None):
-        self.elapsed = time.perf_counter() - self._start
-        if self.elapsed >= self.seconds:
+        super().on_train_batch_end(batch, logs)
+        if self.seconds >= self.budget:
             self.model.stop_training = True
+
+
+class TimeAnnealing(keras.callbacks.Callback):
+    """Anneals the outer learning rate linearly to 0 over a `TimeBudget`."""
+
+    def __init__(self, budget, initial):
+        super().__init__()
+        self.budget = budget
+        self.initial = initial
+
+    def on_train_batch_begin(self, batch, logs=None):
+        remaining = max(0.0, 1.0 - self.budget.seconds / self.budget.budget)
+        self.model.optimizer.learning_rate = self.initial * remaining
 
 
 def cosine_nn_accuracy(features, episodes, num_tasks):
@@ -268,30 +326,54 @@ def cosine_nn_accuracy(features, episodes, num_tasks):
     return confidence_interval(per_task)
 
 
-def test_protocols(config, args, test):
-    """(name, episodes) pairs for the held-out evaluation, seeded identically for all models."""
+def protocol_names(config, args):
+    """The test protocols of this run (keys of PROTOCOLS), in report order."""
+    if args.protocols:
+        return args.protocols.split(",")
     ways = config["ways"]
     if args.eval_shots:
         shots_list = [int(s) for s in args.eval_shots.split(",")]
     else:
         shots_list = [1, 5] if ways == 5 else [config["shots"]]
-    protocols = []
-    for shots in shots_list:
-        protocols.append((f"{ways}-way {shots}-shot", test.episodes(
-            ways=ways, shots=shots, query_shots=1, meta_batch_size=META_BATCH,
-            seed=args.seed + 100 + shots)))
+    names = [f"{ways}way{shots}shot" for shots in shots_list]
     if args.head == "prototype" and ways != 5:
         # The head fits any number of ways: also the field's 5-way protocols.
-        for shots in (1, 5):
-            protocols.insert(shots // 5, (f"5-way {shots}-shot", test.episodes(
-                ways=5, shots=shots, query_shots=1, meta_batch_size=META_BATCH,
-                seed=args.seed + 100 + shots)))
+        names = ["5way1shot", "5way5shot"] + names
     if ways == 20 or args.head == "prototype":
-        protocols.append((f"20-way {config['shots']}-shot within one alphabet",
-                          test.episodes(ways=20, shots=config["shots"], query_shots=1,
-                                        meta_batch_size=META_BATCH, seed=args.seed + 200,
-                                        within_alphabet=True)))
+        names.append(f"20way{config['shots']}shot_within")
+    return names
+
+
+def test_protocols(config, args, test):
+    """(name, episodes) pairs for the held-out evaluation, seeded identically for all models."""
+    protocols = []
+    for name in protocol_names(config, args):
+        ways, shots, within = PROTOCOLS[name]
+        if within:
+            protocols.append((f"{ways}-way {shots}-shot within one alphabet", test.episodes(
+                ways=ways, shots=shots, query_shots=1, meta_batch_size=META_BATCH,
+                seed=args.seed + 200, within_alphabet=True)))
+        else:
+            protocols.append((f"{ways}-way {shots}-shot", test.episodes(
+                ways=ways, shots=shots, query_shots=1, meta_batch_size=META_BATCH,
+                seed=args.seed + 100 + shots)))
     return protocols
+
+
+def check_args(args, config):
+    """Refuses settings that could only fail after training, before any work."""
+    if args.anneal == "time" and not args.time_budget:
+        raise SystemExit("--anneal time needs --time-budget (the seconds to anneal over).")
+    if args.protocols:
+        for name in args.protocols.split(","):
+            if name not in PROTOCOLS:
+                raise SystemExit(f"Unknown protocol in --protocols: {name!r}; expected "
+                                 f"some of {', '.join(PROTOCOLS)}.")
+            if args.head == "none" and PROTOCOLS[name][0] > config["ways"]:
+                raise SystemExit(
+                    f"--protocols {name} has {PROTOCOLS[name][0]} ways, more than "
+                    f"the {config['ways']} outputs of a {args.preset} network "
+                    "without --head prototype.")
 
 
 def main(argv=None):
@@ -300,6 +382,7 @@ def main(argv=None):
     for key in ("meta_steps", "inner_steps", "inner_lr"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
+    check_args(args, config)
     config["train_shots"] = args.train_shots
     name = args.name or "_".join(
         [args.preset]
@@ -335,6 +418,12 @@ def main(argv=None):
     backup = BackupAndRestore(backup_dir, save_freq=max(1, steps_per_epoch // 4))
     shutdown = GracefulShutdown(backup)
     history_path = os.path.join(out_dir, "history.csv")
+    budget_callbacks = []
+    if args.time_budget:
+        budget = TimeBudget(args.time_budget)
+        budget_callbacks.append(budget)
+        if args.anneal == "time":
+            budget_callbacks.append(TimeAnnealing(budget, outer_learning_rate(args)))
     model.fit(
         backup.resumable(train_tasks),
         epochs=args.epochs,
@@ -344,7 +433,7 @@ def main(argv=None):
         callbacks=[
             MetaStepSizeLogger(),  # before CSVLogger, which logs epsilon from it
             timer,
-            *([TimeBudget(args.time_budget)] if args.time_budget else []),
+            *budget_callbacks,
             backup,
             shutdown,
             keras.callbacks.CSVLogger(history_path, append=resuming),
@@ -364,6 +453,8 @@ def main(argv=None):
         "augment": args.augment if args.augment == "none" else
         dict(AUGMENTATIONS[args.augment], interpolation=args.interpolation),
         "eval_inner_steps": args.eval_inner_steps,
+        "anneal": args.anneal,
+        "time_budget": args.time_budget,
         "config": config,
         "train_on": args.train_on,
         "carry_inner_state": args.carry_inner_state,
@@ -373,8 +464,9 @@ def main(argv=None):
         "test": f"{test_name} ({test.num_classes} characters)",
         "meta_steps": int(model.optimizer.iterations.numpy()),
         "meta_training_seconds": round(timer.seconds, 1),
-        "meta_steps_per_second": round(
-            int(model.optimizer.iterations.numpy()) / timer.seconds, 2),
+        # Excludes each fit's first step, which traces and compiles.
+        "meta_steps_per_second": round(timer.steps / timer.seconds, 2) if timer.steps else None,
+        "first_step_seconds": round(timer.first_step_seconds, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
                    f"Keras {keras.__version__}",
         "reptile": {},
