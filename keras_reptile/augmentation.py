@@ -99,6 +99,37 @@ def check(augment):
     return layers
 
 
+def check_per(augment_per):
+    """`augment_per` checked: `"image"` or `"class"`."""
+    if augment_per not in ("image", "class"):
+        raise ValueError(
+            "Expected `augment_per` to be 'image' or 'class'. "
+            f"Received: augment_per={augment_per!r}"
+        )
+    return augment_per
+
+
+def apply_per_class(layers, images, seed):
+    """Distorts `images` ([classes, N, H, W(, C)]) with one draw per class.
+
+    The N drawings of a class are stacked as channels of one image, so each
+    layer draws one transformation per class and applies it to all of them
+    alike (affine maps act on every channel the same way).
+    """
+    flat = images.shape.rank == 4
+    if flat:
+        images = images[..., None]
+    classes, count, height, width, channels = tf.unstack(tf.shape(images))
+    stacked = tf.reshape(
+        tf.transpose(images, [0, 2, 3, 1, 4]), [classes, height, width, count * channels]
+    )
+    stacked = apply(layers, stacked, seed)
+    images = tf.transpose(
+        tf.reshape(stacked, [classes, height, width, count, channels]), [0, 3, 1, 2, 4]
+    )
+    return images[..., 0] if flat else images
+
+
 def apply(layers, images, seed):
     """Distorts each image of `images` ([N, H, W] or [N, H, W, C]) from `seed`."""
     flat = images.shape.rank == 3

@@ -49,6 +49,7 @@ def from_arrays(
     rotations=False,
     groups=None,
     augment=None,
+    augment_per="image",
 ):
     """Builds N-way K-shot classification episodes from labelled arrays.
 
@@ -97,6 +98,11 @@ def from_arrays(
             resumable. For meta-training data only: held-out tasks should see
             the images as they are. Needs image features `[H, W]` or
             `[H, W, channels]`.
+        augment_per: `"image"` (default): every support and query image
+            gets its own draw of `augment`, so a class's drawings vary.
+            `"class"`: one draw per class of a task, applied alike to all
+            its support and query images, so a distorted class is a new
+            class (as `rotations` makes them).
 
     Returns:
         An infinite `tf.data.Dataset` of episode dicts with keys
@@ -129,6 +135,7 @@ def from_arrays(
     )
     seed = _check_seed(seed)
     layers = augmentation.check(augment)
+    per_class_augment = augmentation.check_per(augment_per) == "class" and layers
     x, y = _check_examples(x, y)
     num_examples = x.shape[0]
     input_shape = x.shape[1:]
@@ -227,19 +234,39 @@ def from_arrays(
             tf.range(ways, dtype=tf.int32)[:, None], [ways, per_class]
         )
         turns = tf.broadcast_to((classes % copies)[:, None], [ways, per_class])
+        class_images = None
+        if per_class_augment:
+            # All of a task's images at once, [ways, per_class, ...], so one
+            # draw per class reaches its support and query images alike.
+            class_images = tf.gather(features, examples)
+            if rotations:
+                class_images = tf.reshape(
+                    _rotate(
+                        tf.reshape(class_images, [ways * per_class, *input_shape]),
+                        tf.reshape(turns, [-1]),
+                    ),
+                    [ways, per_class, *input_shape],
+                )
+            class_images = augmentation.apply_per_class(
+                layers, class_images, tf.random.experimental.stateless_fold_in(task_seed, 3)
+            )
 
         def take(start, count, shuffle_seed, augment_seed):
             # Rows come out grouped by class; shuffle so labels are mixed.
             order = tf.random.experimental.stateless_shuffle(
                 tf.range(ways * count), shuffle_seed
             )
-            rows, row_labels, row_turns = (
-                tf.gather(tf.reshape(t[:, start : start + count], [-1]), order)
-                for t in (examples, labels, turns)
-            )
-            rows = tf.gather(features, rows)
+
+            def pick(t):
+                t = t[:, start : start + count]
+                return tf.gather(tf.reshape(t, [-1, *t.shape[2:]]), order)
+
+            row_labels = pick(labels)
+            if class_images is not None:
+                return pick(class_images), row_labels
+            rows = tf.gather(features, pick(examples))
             if rotations:
-                rows = _rotate(rows, row_turns)
+                rows = _rotate(rows, pick(turns))
             if layers:
                 rows = augmentation.apply(layers, rows, augment_seed)
             return rows, row_labels
@@ -274,6 +301,7 @@ def from_dataset(
     rotations=False,
     groups=None,
     augment=None,
+    augment_per="image",
 ):
     """Builds N-way K-shot classification episodes from a dataset of examples.
 
@@ -295,6 +323,7 @@ def from_dataset(
         groups: Optional array with the group id of each example, in the
             dataset's order (see `from_arrays`).
         augment: Optional image augmentation layers (see `from_arrays`).
+        augment_per: `"image"` or `"class"` (see `from_arrays`).
 
     Returns:
         An infinite `tf.data.Dataset` of episode dicts, as returned by
@@ -343,6 +372,7 @@ def from_dataset(
     _check_sampling_args(ways, shots, query_shots, meta_batch_size)
     _check_seed(seed)
     augmentation.check(augment)
+    augmentation.check_per(augment_per)
 
     xs, ys = [], []
     try:
@@ -368,6 +398,7 @@ def from_dataset(
         rotations=rotations,
         groups=groups,
         augment=augment,
+        augment_per=augment_per,
     )
 
 

@@ -61,6 +61,66 @@ def test_translation_shifts_each_drawing_by_whole_pixels_within_the_range():
     assert moved > 30
 
 
+@pytest.mark.parametrize("rotations", [False, True])
+@pytest.mark.parametrize("channels", [True, False])
+def test_augment_per_class_shifts_all_drawings_of_a_class_alike(rotations, channels):
+    shift = keras.layers.RandomTranslation(
+        2 / 16, 2 / 16, fill_mode="constant", fill_value=0.0, interpolation="nearest"
+    )
+    x, y = _drawings()
+    if not channels:
+        x = x[..., 0]
+
+    def episodes(**augment):
+        return _take(from_arrays(x, y, ways=3, shots=2, query_shots=1, meta_batch_size=2,
+                                 seed=0, rotations=rotations, **augment), 4)
+
+    plain, per_class = episodes(), episodes(augment=shift, augment_per="class")
+    shifts_seen = set()
+    for a, b in zip(plain, per_class):
+        # Sampling is untouched: same classes, same labels in the same order.
+        for key in ("support_y", "query_y"):
+            np.testing.assert_array_equal(a[key], b[key])
+        for task in range(2):
+            # Each class's support and query drawings, plain and distorted.
+            for label in range(3):
+                pairs = [
+                    (o.reshape(16, 16, 1), d.reshape(16, 16, 1))
+                    for part in ("support", "query")
+                    for o, d, l in zip(a[f"{part}_x"][task], b[f"{part}_x"][task],
+                                       a[f"{part}_y"][task])
+                    if l == label
+                ]
+                assert len(pairs) == 3
+                # The whole-pixel shifts (|shift| <= 2) that reproduce each
+                # drawing: one shift must fit all three drawings of the class.
+                common = set.intersection(*[
+                    {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                     if np.array_equal(_shifted(o, dy, dx), d)}
+                    for o, d in pairs
+                ])
+                assert len(common) == 1, common
+                shifts_seen |= common
+    # Classes draw their own shifts: 24 classes, 25 possible shifts.
+    assert len(shifts_seen) > 5
+
+
+def test_augment_per_class_is_seeded_and_differs_from_per_image():
+    layers = augmentation.affine_distortions(image_size=16)
+    x, y = _drawings()
+
+    def episodes(augment_per, seed=0):
+        return _take(from_arrays(x, y, ways=3, shots=2, meta_batch_size=2, seed=seed,
+                                 augment=layers, augment_per=augment_per), 2)
+
+    first, again = episodes("class"), episodes("class")
+    for a, b in zip(first, again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(first[0]["support_x"], episodes("image")[0]["support_x"])
+    assert not np.array_equal(first[0]["support_x"], episodes("class", 1)[0]["support_x"])
+
+
 def test_episodes_are_a_pure_function_of_the_seed_and_the_episode_index():
     layers = augmentation.affine_distortions(image_size=16)
     first = _take(_episodes(layers), 4)
@@ -101,9 +161,15 @@ def test_omniglot_episodes_pass_augment_through():
     tasks = data.episodes(ways=2, shots=1, query_shots=1, seed=0,
                           augment=augmentation.affine_distortions())
     plain = data.episodes(ways=2, shots=1, query_shots=1, seed=0)
-    a, b = next(iter(tasks)), next(iter(plain))
+    per_class = data.episodes(ways=2, shots=1, query_shots=1, seed=0,
+                              augment=augmentation.affine_distortions(),
+                              augment_per="class")
+    a, b, c = next(iter(tasks)), next(iter(plain)), next(iter(per_class))
     np.testing.assert_array_equal(a["support_y"], b["support_y"])
+    np.testing.assert_array_equal(c["support_y"], b["support_y"])
     assert not np.array_equal(a["support_x"], b["support_x"])
+    assert not np.array_equal(c["support_x"], b["support_x"])
+    assert not np.array_equal(c["support_x"], a["support_x"])
 
 
 def test_bad_augment_is_a_clear_error():
@@ -117,5 +183,12 @@ def test_bad_augment_is_a_clear_error():
                     augment=augmentation.affine_distortions())
     with pytest.raises(ValueError, match="Expected `shear` to be a non-negative number"):
         augmentation.affine_distortions(shear=-0.1)
+    with pytest.raises(ValueError, match="Expected `augment_per` to be 'image' or 'class'. "
+                       "Received: augment_per='task'"):
+        from_arrays(x, y, ways=3, shots=1, augment=augmentation.affine_distortions(),
+                    augment_per="task")
+    with pytest.raises(ValueError, match="Expected `augment_per`"):
+        keras_reptile.episodes.from_dataset(
+            tf.data.Dataset.from_tensor_slices((x, y)), ways=3, shots=1, augment_per=None)
     with pytest.raises(ValueError, match="Expected `interpolation`"):
         augmentation.affine_distortions(interpolation="cubic")

@@ -276,6 +276,7 @@ class Omniglot:
         rotations=False,
         within_alphabet=False,
         augment=None,
+        augment_per="image",
     ):
         """Builds a `tf.data.Dataset` of few-shot tasks from these classes.
 
@@ -293,6 +294,9 @@ class Omniglot:
             augment: optional Keras image augmentation layers applied to
                 every drawing of a task (for meta-training only; see
                 `keras_reptile.augmentation.affine_distortions`).
+            augment_per: `"image"` (each drawing its own draw) or `"class"`
+                (one draw per class, making new classes; see
+                `keras_reptile.episodes.from_arrays`).
 
         Returns:
             The `tf.data.Dataset` returned by
@@ -312,6 +316,7 @@ class Omniglot:
             rotations=rotations,
             groups=groups if within_alphabet else None,
             augment=augment,
+            augment_per=augment_per,
         )
 
     def _check_alphabets(self, names):
