@@ -158,6 +158,12 @@ def parse_args(argv=None):
                         "koch = Koch et al. 2015's ranges, mild = half of them.")
     parser.add_argument("--interpolation", choices=["bilinear", "nearest"],
                         default="bilinear", help="Resampling of --augment.")
+    parser.add_argument("--augment-per", choices=["image", "class"], default="image",
+                        help="image: each drawing its own distortion. class: one "
+                        "distortion per class of a task, applied to all its "
+                        "drawings alike (new classes; episodes(augment_per=...)). "
+                        "The baseline always distorts per image, since its "
+                        "classes are fixed labels.")
     parser.add_argument("--jit-compile", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join(REPO, "docs", "omniglot"))
@@ -255,8 +261,20 @@ class MetaStepTimer(keras.callbacks.Callback):
             self.steps += 1
 
 
+def augment_layers(args):
+    """The --augment distortions as Keras layers, or None."""
+    if args.augment == "none":
+        return None
+    return keras_reptile.augmentation.affine_distortions(
+        **AUGMENTATIONS[args.augment], interpolation=args.interpolation)
+
+
 def train_baseline(train, seconds, args):
-    """A conv4 classifier over all training classes x 4 rotations, for `seconds`."""
+    """A conv4 classifier over all training classes x 4 rotations, for `seconds`.
+
+    With --augment it sees the same distortions as the meta-learner (one per
+    image), so the comparison stays fair.
+    """
     x, y, _ = train.arrays()
     xs = np.concatenate([np.rot90(x, k, axes=(1, 2)) for k in range(4)])
     ys = np.concatenate([y * 4 + k for k in range(4)])
@@ -272,8 +290,13 @@ def train_baseline(train, seconds, args):
         .shuffle(len(ys), seed=args.seed)
         .repeat()
         .batch(64)
-        .prefetch(tf.data.AUTOTUNE)
     )
+    layers = augment_layers(args)
+    if layers:
+        distort = keras.Sequential(layers)
+        data = data.map(lambda x, y: (distort(x, training=True), y),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+    data = data.prefetch(tf.data.AUTOTUNE)
     history = network.fit(data, steps_per_epoch=200, epochs=10_000, callbacks=[stop],
                           verbose=2 if args.verbose else 0)
     features = keras.Model(network.inputs, network.get_layer("flatten").output)
@@ -389,6 +412,7 @@ def main(argv=None):
         + ([args.algorithm] if args.algorithm != "reptile" else [])
         + (["prototype"] if args.head == "prototype" else [])
         + ([f"augment_{args.augment}"] if args.augment != "none" else [])
+        + (["per_class"] if args.augment != "none" and args.augment_per == "class" else [])
     )
     keras.utils.set_random_seed(args.seed)
     out_dir = os.path.join(args.output_dir, name)
@@ -398,9 +422,8 @@ def main(argv=None):
     train_tasks = train.episodes(
         ways=config["ways"], shots=args.train_shots, query_shots=1,
         meta_batch_size=META_BATCH, seed=args.seed, rotations=True,
-        augment=None if args.augment == "none" else
-        keras_reptile.augmentation.affine_distortions(
-            **AUGMENTATIONS[args.augment], interpolation=args.interpolation),
+        augment=augment_layers(args),
+        augment_per=args.augment_per,
     )
     val_tasks = val.episodes(
         ways=config["ways"], shots=config["shots"], query_shots=1,
@@ -451,7 +474,8 @@ def main(argv=None):
         "algorithm": args.algorithm,
         "head": args.head,
         "augment": args.augment if args.augment == "none" else
-        dict(AUGMENTATIONS[args.augment], interpolation=args.interpolation),
+        dict(AUGMENTATIONS[args.augment], interpolation=args.interpolation,
+             per=args.augment_per),
         "eval_inner_steps": args.eval_inner_steps,
         "anneal": args.anneal,
         "time_budget": args.time_budget,
