@@ -58,7 +58,8 @@ def load(name="omniglot", directory=None):
         TypeError: if `name` is not a string.
         ValueError: if `name` is not one of `NAMES`.
         FileNotFoundError: if `directory` holds no such model.
-        ValueError: if its `model.keras` is truncated or damaged.
+        ValueError: if its `model.keras` is truncated or damaged (not a zip
+            archive, or a member of it unreadable).
 
     Example:
 
@@ -82,7 +83,16 @@ def load(name="omniglot", directory=None):
         )
     # The package's classes are registered for deserialisation: this module
     # is imported with `keras_reptile`.
-    return keras.saving.load_model(path)
+    try:
+        return keras.saving.load_model(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        # A damaged member of an intact archive (e.g. a truncated weights
+        # file) surfaces as h5py's or zipfile's error, without the path.
+        raise ValueError(
+            f"Could not read {path}: a member of the `.keras` archive is "
+            f"truncated or damaged ({type(e).__name__}: {e}). Restore it from "
+            f"the repository, e.g. `git checkout -- {os.path.relpath(path)}`."
+        ) from e
 
 
 def saved_model_path(name="omniglot", directory=None):

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -115,3 +116,21 @@ def test_a_damaged_model_file_is_named_not_reported_missing(tmp_path):
     message = str(raised.value)
     assert f"Expected {path} to be a `.keras` file (a zip archive)" in message
     assert "a file of 1000 bytes" in message
+
+
+def test_a_damaged_member_of_the_model_archive_is_named(tmp_path):
+    # An intact zip whose weights file is cut in half: Keras passes on
+    # h5py's OSError ("truncated file: eof = ..."), which names no path.
+    (tmp_path / "omniglot").mkdir()
+    path = tmp_path / "omniglot" / "model.keras"
+    with zipfile.ZipFile(os.path.join(SHIPPED, "model.keras")) as shipped:
+        members = {name: shipped.read(name) for name in shipped.namelist()}
+    assert "model.weights.h5" in members
+    with zipfile.ZipFile(path, "w") as damaged:
+        for name, data in members.items():
+            damaged.writestr(name, data[: len(data) // 2] if name.endswith(".h5") else data)
+    with pytest.raises(ValueError) as raised:
+        keras_reptile.pretrained.load("omniglot", directory=str(tmp_path))
+    message = str(raised.value)
+    assert f"Could not read {path}: a member of the `.keras` archive is truncated" in message
+    assert isinstance(raised.value.__cause__, OSError)
