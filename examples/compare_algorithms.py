@@ -90,6 +90,7 @@ def table(results):
         + " |",
         "|---" * (2 + 2 * len(PROTOCOLS)) + "|",
     ]
+    baseline_row = None
     for name, result in results.items():
         row = [name, f"{result['meta_steps']:,} ({result['meta_steps_per_second']}/s)"]
         for protocol, _ in PROTOCOLS:
@@ -103,7 +104,8 @@ def table(results):
             for protocol, _ in PROTOCOLS:
                 row += [cell(baseline, protocol), "–"]
             baseline_row = "| " + " | ".join(row) + " |"
-    lines.append(baseline_row)
+    if baseline_row:
+        lines.append(baseline_row)
     return "\n".join(lines) + "\n"
 
 

@@ -145,10 +145,9 @@ def parse_args(argv=None):
     parser.add_argument("--protocols", default=None,
                         help="Comma-separated test protocols among "
                         f"{', '.join(PROTOCOLS)}; default: the preset's ways at "
-                        "1 and 5 shots for 5-way presets, the preset's shots "
-                        "for 20-way, plus the 5-way ones with the prototype "
-                        "head and within-alphabet 20-way for 20-way presets "
-                        "and the prototype head.")
+                        "--eval-shots, plus 5-way 1- and 5-shot with the "
+                        "prototype head, plus 20-way within one alphabet for "
+                        "20-way presets or the prototype head.")
     parser.add_argument("--name", default=None,
                         help="Output sub-directory (default: the preset, with the "
                         "algorithm and head appended when they are not the defaults).")
@@ -249,10 +248,13 @@ class MetaStepTimer(keras.callbacks.Callback):
         self._first = True
 
     def on_train_batch_begin(self, batch, logs=None):
+        self._iteration = int(self.model.optimizer.iterations.numpy())
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         elapsed = time.perf_counter() - self._start
+        if int(self.model.optimizer.iterations.numpy()) == self._iteration:
+            return  # a step a resumed run skips (BackupAndRestore): no work
         if self._first:
             self._first = False
             self.first_step_seconds = elapsed
@@ -293,9 +295,11 @@ def train_baseline(train, seconds, args):
     )
     layers = augment_layers(args)
     if layers:
+        # The layers draw from their own seed generators (seeded by
+        # keras.utils.set_random_seed in main): a sequential map keeps the
+        # draws in one order, so the run is reproducible.
         distort = keras.Sequential(layers)
-        data = data.map(lambda x, y: (distort(x, training=True), y),
-                        num_parallel_calls=tf.data.AUTOTUNE)
+        data = data.map(lambda x, y: (distort(x, training=True), y))
     data = data.prefetch(tf.data.AUTOTUNE)
     history = network.fit(data, steps_per_epoch=200, epochs=10_000, callbacks=[stop],
                           verbose=2 if args.verbose else 0)
@@ -321,14 +325,24 @@ class TimeBudget(MetaStepTimer):
 
 
 class TimeAnnealing(keras.callbacks.Callback):
-    """Anneals the outer learning rate linearly to 0 over a `TimeBudget`."""
+    """Anneals the outer learning rate linearly to 0 over a `TimeBudget`.
+
+    Sets the rate of the next meta-step after each one (place it before
+    `MetaStepSizeLogger`, which logs that rate).
+    """
 
     def __init__(self, budget, initial):
         super().__init__()
         self.budget = budget
         self.initial = initial
 
-    def on_train_batch_begin(self, batch, logs=None):
+    def on_train_begin(self, logs=None):
+        self._set()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._set()
+
+    def _set(self):
         remaining = max(0.0, 1.0 - self.budget.seconds / self.budget.budget)
         self.model.optimizer.learning_rate = self.initial * remaining
 
@@ -349,29 +363,28 @@ def cosine_nn_accuracy(features, episodes, num_tasks):
     return confidence_interval(per_task)
 
 
-def protocol_names(config, args):
-    """The test protocols of this run (keys of PROTOCOLS), in report order."""
+def protocol_specs(config, args):
+    """The test protocols of this run, `(ways, shots, within_alphabet)`, in report order."""
     if args.protocols:
-        return args.protocols.split(",")
+        return [PROTOCOLS[name] for name in args.protocols.split(",")]
     ways = config["ways"]
     if args.eval_shots:
         shots_list = [int(s) for s in args.eval_shots.split(",")]
     else:
         shots_list = [1, 5] if ways == 5 else [config["shots"]]
-    names = [f"{ways}way{shots}shot" for shots in shots_list]
+    specs = [(ways, shots, False) for shots in shots_list]
     if args.head == "prototype" and ways != 5:
         # The head fits any number of ways: also the field's 5-way protocols.
-        names = ["5way1shot", "5way5shot"] + names
+        specs = [(5, 1, False), (5, 5, False)] + specs
     if ways == 20 or args.head == "prototype":
-        names.append(f"20way{config['shots']}shot_within")
-    return names
+        specs.append((20, config["shots"], True))
+    return specs
 
 
 def test_protocols(config, args, test):
     """(name, episodes) pairs for the held-out evaluation, seeded identically for all models."""
     protocols = []
-    for name in protocol_names(config, args):
-        ways, shots, within = PROTOCOLS[name]
+    for ways, shots, within in protocol_specs(config, args):
         if within:
             protocols.append((f"{ways}-way {shots}-shot within one alphabet", test.episodes(
                 ways=ways, shots=shots, query_shots=1, meta_batch_size=META_BATCH,
@@ -387,6 +400,10 @@ def check_args(args, config):
     """Refuses settings that could only fail after training, before any work."""
     if args.anneal == "time" and not args.time_budget:
         raise SystemExit("--anneal time needs --time-budget (the seconds to anneal over).")
+    if args.augment_per == "class" and args.augment == "none":
+        raise SystemExit("--augment-per class needs --augment (the distortions to draw).")
+    if args.protocols and args.eval_shots:
+        raise SystemExit("Give either --protocols or --eval-shots, not both.")
     if args.protocols:
         for name in args.protocols.split(","):
             if name not in PROTOCOLS:
@@ -442,6 +459,10 @@ def main(argv=None):
     shutdown = GracefulShutdown(backup)
     history_path = os.path.join(out_dir, "history.csv")
     budget_callbacks = []
+    if resuming and args.anneal == "time":
+        print("Resuming with --anneal time: the time budget and the outer "
+              "learning rate's annealing start again from the beginning.",
+              file=sys.stderr, flush=True)
     if args.time_budget:
         budget = TimeBudget(args.time_budget)
         budget_callbacks.append(budget)
@@ -454,9 +475,9 @@ def main(argv=None):
         validation_data=val_tasks,
         validation_steps=max(1, args.val_tasks // META_BATCH),
         callbacks=[
-            MetaStepSizeLogger(),  # before CSVLogger, which logs epsilon from it
             timer,
-            *budget_callbacks,
+            *budget_callbacks,  # TimeAnnealing before the logger, which logs its rate
+            MetaStepSizeLogger(),  # before CSVLogger, which logs epsilon from it
             backup,
             shutdown,
             keras.callbacks.CSVLogger(history_path, append=resuming),
@@ -490,7 +511,8 @@ def main(argv=None):
         "meta_training_seconds": round(timer.seconds, 1),
         # Excludes each fit's first step, which traces and compiles.
         "meta_steps_per_second": round(timer.steps / timer.seconds, 2) if timer.steps else None,
-        "first_step_seconds": round(timer.first_step_seconds, 1),
+        "first_step_seconds": None if timer.first_step_seconds is None
+        else round(timer.first_step_seconds, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
                    f"Keras {keras.__version__}",
         "reptile": {},

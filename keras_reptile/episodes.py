@@ -102,7 +102,10 @@ def from_arrays(
             gets its own draw of `augment`, so a class's drawings vary.
             `"class"`: one draw per class of a task, applied alike to all
             its support and query images, so a distorted class is a new
-            class (as `rotations` makes them).
+            class (as `rotations` makes them). A class's images pass through
+            the layers stacked as the channels of one image, so this suits
+            geometric layers (rotation, shear, zoom, translation, flips),
+            which treat every channel alike, not colour ones.
 
     Returns:
         An infinite `tf.data.Dataset` of episode dicts with keys

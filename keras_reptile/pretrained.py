@@ -85,13 +85,16 @@ def load(name="omniglot", directory=None):
     # is imported with `keras_reptile`.
     try:
         return keras.saving.load_model(path)
+    except (PermissionError, FileNotFoundError):
+        raise
     except (OSError, zipfile.BadZipFile) as e:
         # A damaged member of an intact archive (e.g. a truncated weights
         # file) surfaces as h5py's or zipfile's error, without the path.
         raise ValueError(
-            f"Could not read {path}: a member of the `.keras` archive is "
-            f"truncated or damaged ({type(e).__name__}: {e}). Restore it from "
-            f"the repository, e.g. `git checkout -- {os.path.relpath(path)}`."
+            f"Expected {path} to be a readable `.keras` archive. Received: one "
+            f"with a member that is truncated or damaged ({type(e).__name__}: "
+            f"{e}). Restore it from the repository, e.g. `git checkout -- "
+            f"{os.path.relpath(path)}`."
         ) from e
 
 

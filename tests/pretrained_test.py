@@ -132,5 +132,6 @@ def test_a_damaged_member_of_the_model_archive_is_named(tmp_path):
     with pytest.raises(ValueError) as raised:
         keras_reptile.pretrained.load("omniglot", directory=str(tmp_path))
     message = str(raised.value)
-    assert f"Could not read {path}: a member of the `.keras` archive is truncated" in message
+    assert f"Expected {path} to be a readable `.keras` archive. Received: one with a member " \
+        "that is truncated or damaged (OSError" in message
     assert isinstance(raised.value.__cause__, OSError)

@@ -1,0 +1,132 @@
+"""The Omniglot example's helpers: protocols, time budgets, the comparison table.
+
+The training runs themselves are the README's commands; these check the
+parts that decide what a run measures, without training.
+"""
+
+import os
+import sys
+
+import keras
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "examples"))
+
+import compare_algorithms  # noqa: E402
+import omniglot  # noqa: E402
+
+
+def _specs(*argv):
+    args = omniglot.parse_args(list(argv))
+    config = dict(omniglot.PRESETS[args.preset])
+    omniglot.check_args(args, config)
+    return omniglot.protocol_specs(config, args)
+
+
+def test_protocols_by_default_by_name_and_by_shots():
+    assert _specs("--preset", "5way1shot") == [(5, 1, False), (5, 5, False)]
+    assert _specs("--preset", "20way1shot") == [(20, 1, False), (20, 1, True)]
+    # The head takes any ways: the 5-way protocols too.
+    assert _specs("--preset", "20way1shot", "--head", "prototype") == [
+        (5, 1, False), (5, 5, False), (20, 1, False), (20, 1, True)]
+    assert _specs("--preset", "20way1shot", "--protocols", "5way1shot,20way1shot_within") == [
+        (5, 1, False), (20, 1, True)]
+    # Any shots, not only the named protocols'.
+    assert _specs("--preset", "5way1shot", "--eval-shots", "10") == [(5, 10, False)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--protocols", "5way2shot"], "Unknown protocol in --protocols: '5way2shot'"),
+    (["--protocols", "20way1shot"], "more than the 5 outputs of a 5way1shot network"),
+    (["--protocols", "5way1shot", "--eval-shots", "1"], "either --protocols or --eval-shots"),
+    (["--anneal", "time"], "--anneal time needs --time-budget"),
+    (["--augment-per", "class"], "--augment-per class needs --augment"),
+])
+def test_settings_that_could_only_fail_after_training_are_refused_first(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        _specs("--preset", "5way1shot", *argv)
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class _Model:
+    """What the callbacks use of a model: its optimizer and `stop_training`."""
+
+    def __init__(self):
+        self.optimizer = keras.optimizers.SGD(1.0)
+        self.optimizer.build([])
+        self.stop_training = False
+
+
+def test_time_budget_counts_meta_steps_only_and_annealing_follows_it(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(omniglot.time, "perf_counter", clock)
+    model = _Model()
+    budget = omniglot.TimeBudget(10.0)
+    annealing = omniglot.TimeAnnealing(budget, initial=0.5)
+    callbacks = [budget, annealing]
+    for callback in callbacks:
+        callback.set_model(model)
+        callback.on_train_begin()
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.5)
+
+    def batch(seconds, works=True):
+        for callback in callbacks:
+            callback.on_train_batch_begin(0)
+        clock.now += seconds
+        if works:
+            model.optimizer.iterations.assign_add(1)
+        for callback in callbacks:
+            callback.on_train_batch_end(0)
+
+    batch(30.0)  # the first step traces and compiles: kept apart
+    assert budget.first_step_seconds == 30.0 and budget.seconds == 0.0
+    batch(0.001, works=False)  # a step a resumed run replays without work
+    assert budget.seconds == 0.0 and budget.steps == 0
+    batch(4.0)
+    # 4 of 10 seconds spent: the next step's rate is 0.5 * (1 - 0.4) = 0.3.
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.3)
+    assert not model.stop_training
+    batch(4.0)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.1)
+    batch(4.0)  # 12 >= 10 seconds: stop, at rate 0
+    assert model.stop_training
+    assert float(model.optimizer.learning_rate) == 0.0
+    assert budget.steps == 3 and budget.seconds == pytest.approx(12.0)
+
+
+def _result(accuracy, baseline=None):
+    entry = {"accuracy": accuracy, "ci95": 0.01}
+    result = {
+        "meta_steps": 1234,
+        "meta_steps_per_second": 4.1,
+        "reptile": {f"{p}, {m}": entry for p, _ in compare_algorithms.PROTOCOLS
+                    for m in ("non-transductive", "transductive")},
+    }
+    if baseline is not None:
+        result["baseline"] = {"training": {"epochs": 7},
+                              **{p: {"accuracy": baseline, "ci95": 0.02}
+                                 for p, _ in compare_algorithms.PROTOCOLS}}
+    return result
+
+
+def test_comparison_table_has_a_row_per_model_and_the_baseline_last():
+    table = compare_algorithms.table({
+        "reptile, none head": _result(0.5, baseline=0.4),
+        "fomaml, prototype head": _result(0.75),
+    }).splitlines()
+    assert len(table) == 5
+    assert table[2] == ("| reptile, none head | 1,234 (4.1/s) | 50.0% ± 1.0 | 50.0% ± 1.0 "
+                        "| 50.0% ± 1.0 | 50.0% ± 1.0 |")
+    assert table[3].startswith("| fomaml, prototype head | 1,234 (4.1/s) | 75.0% ± 1.0")
+    assert table[4] == ("| supervised baseline: classifier + cosine NN | 7 epochs of 200 "
+                        "batches | 40.0% ± 2.0 | – | 40.0% ± 2.0 | – |")
+    # Without a baseline run: the models only.
+    assert len(compare_algorithms.table({"maml, none head": _result(0.6)}).splitlines()) == 3
