@@ -522,7 +522,7 @@ def main(argv=None):
         rows = list(csv.DictReader(f))
     history = {key: [float(row[key]) for row in rows] for key in rows[0]}
     plot_learning_curve(history, steps_per_epoch, os.path.join(out_dir, "learning_curve.png"),
-                        args.preset)
+                        f"{args.algorithm}, {args.head} head, {args.preset}")
 
     protocols = test_protocols(config, args, test)
     for protocol, episodes in protocols:
@@ -576,7 +576,7 @@ def plot_learning_curve(history, steps_per_epoch, path, title):
     right.set_xlabel("meta-step")
     right.set_ylim(0, 1)
     right.legend(loc="lower right")
-    fig.suptitle(f"Reptile on Omniglot, {title}")
+    fig.suptitle(f"Omniglot, {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
