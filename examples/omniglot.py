@@ -527,13 +527,13 @@ def main(argv=None):
     protocols = test_protocols(config, args, test)
     for protocol, episodes in protocols:
         for transductive in (False, True):
-            started = time.time()
+            started = time.perf_counter()
             accuracy = few_shot_accuracy(model, episodes, args.eval_tasks,
                                          transductive=transductive)
             key = f"{protocol}, {'transductive' if transductive else 'non-transductive'}"
             results["reptile"][key] = {
                 "accuracy": round(accuracy.mean, 4), "ci95": round(accuracy.ci95, 4),
-                "tasks": accuracy.num_tasks, "seconds": round(time.time() - started, 1),
+                "tasks": accuracy.num_tasks, "seconds": round(time.perf_counter() - started, 1),
             }
             print(f"{args.algorithm} ({args.head} head) {key}: {accuracy}", flush=True)
 

@@ -120,7 +120,8 @@ def from_arrays(
             class has fewer than `shots + query_shots` examples, there are
             fewer than `ways` classes (in any group, when `groups` is given),
             a class spans several groups, `rotations=True` with non-square
-            features, or `x` has NaN or Inf values.
+            features, `x` has NaN or Inf values, or `augment_per` is not
+            `"image"` or `"class"`.
         TypeError: If `x` or `y` is not numeric, or `seed` is not an integer.
 
     Example:
@@ -138,7 +139,7 @@ def from_arrays(
     )
     seed = _check_seed(seed)
     layers = augmentation.check(augment)
-    per_class_augment = augmentation.check_per(augment_per) == "class" and layers
+    per_class_augment = augmentation.check_per(augment_per) == "class" and bool(layers)
     x, y = _check_examples(x, y)
     num_examples = x.shape[0]
     input_shape = x.shape[1:]

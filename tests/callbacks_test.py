@@ -869,10 +869,29 @@ def test_graceful_shutdown_stops_after_the_meta_step_and_keeps_a_backup(
 
 
 def test_graceful_shutdown_second_signal_stops_immediately(model):
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        _fit(model, [_SignalAt(2, signal.SIGINT, times=2), GracefulShutdown()])
-    assert signal.getsignal(signal.SIGINT) == before
+    # A process started with SIGINT ignored (a background job of a shell
+    # without job control) has no KeyboardInterrupt handler: pin Python's.
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _fit(model, [_SignalAt(2, signal.SIGINT, times=2), GracefulShutdown()])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outside)
+
+
+def test_graceful_shutdown_second_signal_keeps_an_ignored_signal_ignored(model):
+    # The handler before `fit` ignored SIGINT: the second signal restores
+    # that, and `fit` still stops after the meta-step of the first.
+    outside = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        shutdown = GracefulShutdown()
+        _fit(model, [_SignalAt(2, signal.SIGINT, times=2), shutdown])
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert shutdown.received_signal == signal.SIGINT
+        assert int(model.optimizer.iterations) == 2
+    finally:
+        signal.signal(signal.SIGINT, outside)
 
 
 def test_graceful_shutdown_copies_share_the_received_signal(model):

@@ -404,6 +404,7 @@ def test_episodes_delegates_to_from_arrays(monkeypatch):
             rotations=True,
             within_alphabet=True,
             augment="layers",
+            augment_per="class",
         )
         == "dataset"
     )
@@ -419,6 +420,7 @@ def test_episodes_delegates_to_from_arrays(monkeypatch):
         rotations=False,
         groups=None,
         augment=None,
+        augment_per="image",
     )
     np.testing.assert_array_equal(kw1.pop("groups"), groups)
     assert kw1 == dict(
@@ -429,6 +431,7 @@ def test_episodes_delegates_to_from_arrays(monkeypatch):
         seed=7,
         rotations=True,
         augment="layers",
+        augment_per="class",
     )
 
 
