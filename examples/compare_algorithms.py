@@ -10,7 +10,13 @@ same 1,000 held-out-alphabet tasks per protocol (5-way 1-shot, and 20-way
 1-shot within one alphabet), transductive and not, and the table is written
 to `--output-dir/table.md` and `summary.json`.
 
-    python examples/compare_algorithms.py --time-budget 360
+    python examples/compare_algorithms.py --time-budget 300
+
+`--image-size` and `--filters` change the drawings' resolution and conv4's
+width for every run, for the same comparison at another size, e.g.
+
+    python examples/compare_algorithms.py --time-budget 300 --algorithms fomaml \
+        --heads prototype --image-size 56 --output-dir docs/omniglot/resolution_56
 
 Common settings: 20-way training tasks of 5 train-shots, 5 inner Adam steps
 (5e-4, beta_1 = 0) of 20, 10 inner steps of 10 at evaluation; Reptile's outer
@@ -38,7 +44,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--time-budget", type=float, default=360,
+    parser.add_argument("--time-budget", type=float, default=300,
                         help="Seconds of meta-steps per model (validation not counted).")
     parser.add_argument("--eval-tasks", type=int, default=1000)
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
@@ -47,6 +53,10 @@ def parse_args(argv=None):
                         help="Omniglot zips; default: examples/omniglot.py's.")
     parser.add_argument("--output-dir",
                         default=os.path.join(REPO, "docs", "omniglot", "algorithms"))
+    parser.add_argument("--image-size", type=int, default=28,
+                        help="Side in pixels of the drawings (omniglot.py's --image-size).")
+    parser.add_argument("--filters", type=int, default=64,
+                        help="Filters of conv4's convolutions (omniglot.py's --filters).")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -56,6 +66,11 @@ def run_name(algorithm, head):
 
 
 def command(args, algorithm, head, baseline):
+    # Backups and exports per output directory, so that a comparison at
+    # another size never resumes from this one's backup.
+    runs = os.path.join(REPO, "runs", "compare_algorithms",
+                        os.path.basename(os.path.normpath(args.output_dir)),
+                        run_name(algorithm, head))
     argv = [
         sys.executable, os.path.join(HERE, "omniglot.py"),
         "--preset", "20way1shot", "--algorithm", algorithm, "--head", head,
@@ -67,10 +82,9 @@ def command(args, algorithm, head, baseline):
         "--eval-tasks", str(args.eval_tasks), "--val-tasks", "20",
         "--seed", str(args.seed), "--verbose", "2",
         "--output-dir", args.output_dir, "--name", run_name(algorithm, head),
-        "--backup-dir", os.path.join(REPO, "runs", "compare_algorithms",
-                                     run_name(algorithm, head), "backup"),
-        "--export-dir", os.path.join(REPO, "runs", "compare_algorithms",
-                                     run_name(algorithm, head), "saved_model"),
+        "--image-size", str(args.image_size), "--filters", str(args.filters),
+        "--backup-dir", os.path.join(runs, "backup"),
+        "--export-dir", os.path.join(runs, "saved_model"),
     ]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]

@@ -163,6 +163,12 @@ def parse_args(argv=None):
                         "drawings alike (new classes; episodes(augment_per=...)). "
                         "The baseline always distorts per image, since its "
                         "classes are fixed labels.")
+    parser.add_argument("--image-size", type=int, default=28,
+                        help="Side in pixels the 105x105 drawings are averaged "
+                        "down to (28 is the meta-learning convention).")
+    parser.add_argument("--filters", type=int, default=64,
+                        help="Filters of every conv4 convolution (64 is the "
+                        "field's standard).")
     parser.add_argument("--jit-compile", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join(REPO, "docs", "omniglot"))
@@ -177,7 +183,8 @@ def parse_args(argv=None):
 
 
 def load_splits(args, ways):
-    data = keras_reptile.datasets.omniglot(args.data_dir, splits=("small1", "small2"))
+    data = keras_reptile.datasets.omniglot(
+        args.data_dir, splits=("small1", "small2"), image_size=args.image_size)
     if args.train_on == "small1":
         train = data.select_alphabets(SMALL1)
         test = data.select_alphabets(SMALL2_ONLY)
@@ -200,7 +207,8 @@ def outer_learning_rate(args):
 def build_model(config, args):
     # With the prototype head the output size only bounds the ways per task.
     outputs = max(20, config["ways"]) if args.head == "prototype" else config["ways"]
-    backbone = keras_reptile.models.conv4((28, 28, 1), num_classes=outputs)
+    backbone = keras_reptile.models.conv4(
+        (args.image_size, args.image_size, 1), num_classes=outputs, filters=args.filters)
     outer_lr = outer_learning_rate(args)
     if args.anneal == "steps":
         # Otherwise TimeAnnealing sets the (variable) learning rate per meta-step.
@@ -280,7 +288,9 @@ def train_baseline(train, seconds, args):
     x, y, _ = train.arrays()
     xs = np.concatenate([np.rot90(x, k, axes=(1, 2)) for k in range(4)])
     ys = np.concatenate([y * 4 + k for k in range(4)])
-    network = keras_reptile.models.conv4((28, 28, 1), num_classes=train.num_classes * 4)
+    network = keras_reptile.models.conv4(
+        (args.image_size, args.image_size, 1), num_classes=train.num_classes * 4,
+        filters=args.filters)
     network.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -430,6 +440,8 @@ def main(argv=None):
         + (["prototype"] if args.head == "prototype" else [])
         + ([f"augment_{args.augment}"] if args.augment != "none" else [])
         + (["per_class"] if args.augment != "none" and args.augment_per == "class" else [])
+        + ([f"{args.image_size}px"] if args.image_size != 28 else [])
+        + ([f"{args.filters}filters"] if args.filters != 64 else [])
     )
     keras.utils.set_random_seed(args.seed)
     out_dir = os.path.join(args.output_dir, name)
@@ -498,6 +510,8 @@ def main(argv=None):
         dict(AUGMENTATIONS[args.augment], interpolation=args.interpolation,
              per=args.augment_per),
         "eval_inner_steps": args.eval_inner_steps,
+        "image_size": args.image_size,
+        "filters": args.filters,
         "anneal": args.anneal,
         "time_budget": args.time_budget,
         "config": config,
