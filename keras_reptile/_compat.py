@@ -22,7 +22,10 @@ PRIVATE_NAMES = (
 )
 # Attributes set on instances only (checked on a compiled model or a built
 # optimizer by the test).
-MODEL_ATTRIBUTES = ("_compile_loss", "_loss_tracker", "_initial_epoch", "train_function")
+MODEL_ATTRIBUTES = (
+    "_compile_loss", "_loss_tracker", "_initial_epoch", "train_function",
+    "_jit_compile", "_compile_config",
+)
 OPTIMIZER_ATTRIBUTES = ("_learning_rate",)
 
 
@@ -84,6 +87,47 @@ def swap_train_function(model, function):
     previous = model.train_function
     model.train_function = function
     return previous
+
+
+class jit_compile_as:
+    """Context: `model.jit_compile` reads `value` while Keras builds a step.
+
+    Keras reads `jit_compile` once, when `make_*_function` wraps the step in
+    `tf.function`; setting the private field (not the property, whose setter
+    warns) chooses XLA for that one function.
+    """
+
+    def __init__(self, model, value):
+        self.model, self.value = model, value
+
+    def __enter__(self):
+        self.previous = self.model._jit_compile
+        self.model._jit_compile = self.value
+
+    def __exit__(self, *exc_info):
+        self.model._jit_compile = self.previous
+
+
+def op_determinism_enabled():
+    """Whether `tf.config.experimental.enable_op_determinism()` is in effect.
+
+    TensorFlow has no public getter; Keras reads the same private one before
+    choosing XLA.
+    """
+    from tensorflow.python.framework import config
+
+    return config.is_op_determinism_enabled()
+
+
+def record_compile_argument(model, name, value):
+    """Stores `value` as `compile`'s `name` in the config `.keras` files keep.
+
+    Keras records `jit_compile` after resolving `"auto"`, so a model saved
+    on a CPU would come back with an explicit `False`.
+    """
+    config = getattr(model, "_compile_config", None)
+    if config is not None and name in config.config:
+        config.config[name] = value
 
 
 def raw_learning_rate(optimizer):

@@ -89,6 +89,8 @@ class MetaAlgorithm:
     # Whether the meta-step's inner loop recomputes each step's activations
     # when the outer gradient is taken through it (see `MAML`).
     recompute_inner_steps = False
+    # Whether the outer gradient is taken through the inner loop.
+    differentiates_inner_loop = False
 
     def adapt_task(self, adapt, query, theta):
         """Adapts to one task. See the module docstring.
@@ -188,6 +190,10 @@ class MAML(MetaAlgorithm):
             )
         self.first_order = first_order
         self.recompute_inner_steps = recompute_inner_steps
+
+    @property
+    def differentiates_inner_loop(self):
+        return not self.first_order
 
     def adapt_task(self, adapt, query, theta):
         with tf.GradientTape() as tape:

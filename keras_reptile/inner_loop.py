@@ -342,6 +342,20 @@ def fori_loop(num_iterations, body, state):
     )[1]
 
 
+def is_unrolled(steps, recompute=False):
+    """Whether `adapt(steps=steps, recompute=recompute)` unrolls its loop.
+
+    Args:
+        steps: The `steps` argument of `adapt`.
+        recompute: The `recompute` argument of `adapt`.
+
+    Returns:
+        True if the steps are unrolled into the graph, False if they run in
+        a `tf.while_loop`.
+    """
+    return isinstance(steps, int) and (steps <= MAX_UNROLLED_STEPS or recompute)
+
+
 def adapt(
     model,
     trainable,
@@ -399,7 +413,7 @@ def adapt(
             "Expected a Python int number of steps with `recompute=True` (the "
             f"recomputed loop is unrolled). Received: steps={steps!r}"
         )
-    if isinstance(steps, int) and steps > MAX_UNROLLED_STEPS and not recompute:
+    if not is_unrolled(steps, recompute):
         steps = tf.constant(steps, tf.int32)
     num_rows = tf.shape(x)[0]
     offsets = tf.range(batch_size)

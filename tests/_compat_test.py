@@ -58,3 +58,16 @@ def test_no_private_keras_name_outside_the_compat_module():
                 if pattern.search(line) and not line.lstrip().startswith("#"):
                     offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_op_determinism_is_read_back():
+    import tensorflow as tf
+    # TensorFlow's public API can only switch determinism on.
+    from tensorflow.python.framework import config
+
+    assert _compat.op_determinism_enabled() is False
+    tf.config.experimental.enable_op_determinism()
+    try:
+        assert _compat.op_determinism_enabled() is True
+    finally:
+        config.disable_op_determinism()
