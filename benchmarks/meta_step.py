@@ -14,9 +14,12 @@ Smaller runs:
 
 For each configuration it measures, in this process and run:
 
-* `reptile` / `reptile_sequential` / `reptile_jit`: `ReptileModel.fit` as
-  shipped (default settings: `parallel_tasks="auto"`, which on a CPU lets
-  the executor run the meta-batch's tasks concurrently), with
+* `reptile` / `reptile_no_xla` / `reptile_sequential` / `reptile_jit`:
+  `ReptileModel.fit` as shipped (default settings: `jit_compile="auto"`,
+  which compiles the meta-step with XLA and leaves evaluation to Keras's
+  choice, and `parallel_tasks="auto"`, which on a CPU lets the executor run
+  the meta-batch's tasks concurrently), with `compile(jit_compile=False)`
+  (no XLA anywhere: what the default did before), with
   `parallel_tasks=False` (tasks one after the other), and with
   `compile(jit_compile=True)`, on an episodic
   dataset from `keras_reptile.episodes.from_arrays` over random
@@ -27,7 +30,9 @@ For each configuration it measures, in this process and run:
   configuration the same with `evaluate(ds, steps=N)`. Each call creates a
   new dataset iterator; that cost is measured and printed separately.
   `traces` counts traces of `train_step`/`test_step` over all calls
-  (expected: 1).
+  (expected: 1). For the training configurations, `--algorithms` adds the
+  `reptile` and `reptile_no_xla` rows (and the plain loops, for FOMAML)
+  with `ReptileModel(algorithm="fomaml")` and `"maml"`.
 * `eager`: a plain eager loop in the style of the keras.io Reptile example
   (per-task Python loop, `tf.GradientTape`, a real `keras.optimizers.Adam`
   whose variables are reset per task, `get_weights`/`set_weights`, outer
@@ -35,7 +40,10 @@ For each configuration it measures, in this process and run:
   One warm-up step (reported as first-step time), then `--repeats` timed
   runs of N steps on one dataset iterator. For `eval` a step is one task.
 * `eager_tf_function`: the same loop with each inner step (forward, backward
-  and optimizer apply) wrapped in `tf.function`.
+  and optimizer apply) wrapped in `tf.function`. For FOMAML both loops also
+  take each task's query gradient at the adapted weights (in `tf.function`
+  for the second). There is no plain MAML loop: its second-order gradient
+  needs a functional inner loop, which is what the library provides.
 * `inner_steps`: for reference, the inner steps of one meta-step (one task,
   for `eval`) as separate calls of one `tf.function` train step (forward,
   backward, Adam apply) on one inner batch each, back to back: what the
@@ -59,6 +67,13 @@ Configurations (the paper's Omniglot settings, Nichol et al. 2018):
 * `eval`: `evaluate()` on 5-way 1-shot episodes (S = 5, Q = 5), meta-batch
   5, `eval_inner_steps=50`, `eval_inner_batch_size=5`, non-transductive;
   rates are tasks (episodes) per second.
+
+Then the issue's targets (keras_reptile issue 14) next to the default's
+ratios and those of the default before (`jit_compile=False`): `fit` at
+>= 45x the eager loop, >= 3.5x the `tf.function` loop and >= 60% of the
+matmul ceiling; `evaluate` at >= 2x its rate before. The ceiling of a
+FOMAML meta-step adds its query backward passes; MAML's has no simple
+count and is not given.
 
 Prints a table and writes `benchmarks/results/meta_step-<timestamp>.json`
 with every timing, the settings and machine facts. All ratios are computed
@@ -104,15 +119,17 @@ CONFIGS = {
         kind="train", ways=5, shots=10, query_shots=1, meta_batch=5,
         inner_batch=10, inner_steps=5, inner_lr=1e-3, decay_steps=100_000,
         repeats=5,
-        steps={"reptile": 10, "reptile_sequential": 10, "reptile_jit": 10, "eager": 1,
-               "eager_tf_function": 4, "inner_steps": 10, "fused": 10},
+        steps={"reptile": 10, "reptile_no_xla": 10, "reptile_sequential": 10,
+               "reptile_jit": 10, "eager": 1, "eager_tf_function": 4,
+               "inner_steps": 10, "fused": 10},
     ),
     "20way1shot": dict(
         kind="train", ways=20, shots=10, query_shots=1, meta_batch=5,
         inner_batch=20, inner_steps=10, inner_lr=5e-4, decay_steps=200_000,
         repeats=3,
-        steps={"reptile": 4, "reptile_sequential": 4, "reptile_jit": 4, "eager": 1,
-               "eager_tf_function": 1, "inner_steps": 4, "fused": 5},
+        steps={"reptile": 4, "reptile_no_xla": 4, "reptile_sequential": 4,
+               "reptile_jit": 4, "eager": 1, "eager_tf_function": 1,
+               "inner_steps": 4, "fused": 5},
     ),
     "eval": dict(
         kind="eval", ways=5, shots=1, query_shots=1, meta_batch=5,
@@ -120,22 +137,33 @@ CONFIGS = {
         repeats=3,
         # evaluate steps of 5 tasks; the eager loops' and fused steps are
         # single tasks.
-        steps={"reptile": 2, "reptile_sequential": 2, "reptile_jit": 1, "eager": 1,
-               "eager_tf_function": 2, "inner_steps": 5, "fused": 5},
+        steps={"reptile": 2, "reptile_no_xla": 2, "reptile_sequential": 2,
+               "reptile_jit": 1, "eager": 1, "eager_tf_function": 2,
+               "inner_steps": 5, "fused": 5},
     ),
 }
-VARIANTS = ("reptile", "reptile_sequential", "reptile_jit", "eager",
-            "eager_tf_function", "inner_steps", "fused", "ceiling")
-REPTILE_VARIANTS = ("reptile", "reptile_sequential", "reptile_jit")
+VARIANTS = ("reptile", "reptile_no_xla", "reptile_sequential", "reptile_jit",
+            "eager", "eager_tf_function", "inner_steps", "fused", "ceiling")
+REPTILE_VARIANTS = ("reptile", "reptile_no_xla", "reptile_sequential", "reptile_jit")
 EAGER_VARIANTS = ("eager", "eager_tf_function")
+ALGORITHMS = ("reptile", "fomaml", "maml")
+# FOMAML and MAML get the rows that compare the default with the plain loops
+# and with the default before XLA was chosen automatically; the other
+# ReptileModel variants are the same machinery and are measured on Reptile.
+OTHER_ALGORITHM_VARIANTS = ("reptile", "reptile_no_xla", "eager", "eager_tf_function")
+# The issue's targets (keras_reptile issue 14): default `fit` against the
+# plain loops and the matmul ceiling, and `evaluate` against the default
+# before (`jit_compile=False` per-task evaluation, today's numbers).
+TARGETS = dict(x_eager=45.0, x_tf_function=3.5, pct_of_ceiling=60.0, eval_speedup=2.0)
 QUICK = dict(repeats=2, steps=2, eager_steps=1, matmul_size=1024,
              matmul_repeats=3)
 
 
-def label(variant, kind):
+def label(variant, kind, algorithm="reptile"):
     method = "fit" if kind == "train" else "evaluate"
-    return {
-        "reptile": f"ReptileModel.{method}",
+    text = {
+        "reptile": f"ReptileModel.{method} (default)",
+        "reptile_no_xla": f"ReptileModel.{method} (jit_compile=False)",
         "reptile_sequential": f"ReptileModel.{method} (parallel_tasks=False)",
         "reptile_jit": f"ReptileModel.{method} (jit_compile=True)",
         "eager": "eager loop (keras.io style)",
@@ -144,6 +172,10 @@ def label(variant, kind):
         "fused": "fused fwd+bwd, one batch (reference)",
         "ceiling": "compute ceiling (matmul FLOP/s)",
     }[variant]
+    if kind == "train" and algorithm != "reptile" and (
+            variant in REPTILE_VARIANTS or variant in EAGER_VARIANTS):
+        text = f"[{algorithm}] " + text
+    return text
 
 
 # ----------------------------------------------------------------------
@@ -289,6 +321,22 @@ def flops_per_unit(cfg, fwd):
     return adapt + (s + q) * fwd
 
 
+def flops_per_unit_by_algorithm(cfg, fwd):
+    """FLOPs of one meta-step per algorithm whose count is exact enough.
+
+    FOMAML adds the backward pass of each task's query loss (2 forward
+    passes' worth). MAML's backward pass through the inner loop (Hessian-
+    vector products through Adam) has no comparably simple count, so it
+    gets no ceiling.
+    """
+    reptile = flops_per_unit(cfg, fwd)
+    if cfg["kind"] != "train":
+        return {"reptile": reptile}
+    q = cfg["ways"] * cfg["query_shots"]
+    return {"reptile": reptile, "fomaml": reptile + cfg["meta_batch"] * q * 2 * fwd,
+            "maml": None}
+
+
 def measure_matmul(n, repeats):
     a = tf.random.stateless_normal([n, n], seed=[1, 2])
     b = tf.random.stateless_normal([n, n], seed=[3, 4])
@@ -306,11 +354,17 @@ def measure_matmul(n, repeats):
 # Variants
 
 
-def bench_reptile(cfg, data, *, jit, parallel_tasks, repeats, steps):
-    """`ReptileModel.fit` (or `evaluate`) as a user would call it."""
+def bench_reptile(cfg, data, *, jit, parallel_tasks, repeats, steps,
+                  algorithm="reptile"):
+    """`ReptileModel.fit` (or `evaluate`) as a user would call it.
+
+    `jit` is passed to `compile(jit_compile=...)`; None leaves Keras's
+    default, `"auto"`.
+    """
     keras.utils.set_random_seed(0)
     model = keras_reptile.ReptileModel(
         make_backbone(cfg),
+        algorithm=algorithm,
         inner_optimizer=make_inner_optimizer(cfg),
         # For `eval` the training settings are irrelevant; keep the defaults.
         inner_steps=cfg["inner_steps"] if cfg["kind"] == "train" else 5,
@@ -336,8 +390,8 @@ def bench_reptile(cfg, data, *, jit, parallel_tasks, repeats, steps):
         loss=make_loss(),
         metrics=["accuracy"],
     )
-    if jit:
-        compile_kwargs["jit_compile"] = True
+    if jit is not None:
+        compile_kwargs["jit_compile"] = jit
     model.compile(**compile_kwargs)
     ds = make_dataset(cfg, data)
 
@@ -357,7 +411,7 @@ def bench_reptile(cfg, data, *, jit, parallel_tasks, repeats, steps):
         units_per_step=units_per_step(cfg),
         traces=traces[0], traces_in_timed_calls=traces[0] - traces_warmup,
         rss_mb=current, peak_rss_mb=peak,
-        jit_compile=bool(model.jit_compile),
+        jit_compile=jit,
     )
     del model, ds
     gc.collect()
@@ -374,15 +428,21 @@ class PlainReptile:
     NumPy: trainable weights θ + ε (mean φ − θ) with the `PolynomialDecay`
     ε, BatchNormalization moving statistics set to their mean over tasks.
 
+    With `algorithm="fomaml"` each task's query loss is differentiated at
+    φ instead (`GradientTape`, one more backward pass per task) and the
+    outer update is θ − ε mean(gradient), as `ReptileModel(algorithm=
+    "fomaml")` with the same outer SGD computes it.
+
     For evaluation (`evaluate_task`, one task): the inner steps, then the
     BatchNormalization statistics of the whole support set (momentum 0,
     one training-mode forward) and the query forward in inference mode;
     θ is restored afterwards.
     """
 
-    def __init__(self, cfg, use_tf_function):
+    def __init__(self, cfg, use_tf_function, algorithm="reptile"):
         keras.utils.set_random_seed(0)
         self.cfg = cfg
+        self.algorithm = algorithm
         self.model = make_backbone(cfg)
         self.optimizer = make_inner_optimizer(cfg)
         self.optimizer.build(self.model.trainable_variables)
@@ -407,6 +467,10 @@ class PlainReptile:
             tf.function(self._inner_step) if use_tf_function
             else self._inner_step
         )
+        self.query_gradient = (
+            tf.function(self._query_gradient) if use_tf_function
+            else self._query_gradient
+        )
 
     def _inner_step(self, x, y):
         if not tf.executing_eagerly():
@@ -416,6 +480,14 @@ class PlainReptile:
         grads = tape.gradient(loss, self.model.trainable_variables)
         self.optimizer.apply(grads, self.model.trainable_variables)
         return loss
+
+    def _query_gradient(self, x, y):
+        if not tf.executing_eagerly():
+            self.traces += 1
+        with tf.GradientTape() as tape:
+            logits = self.model(x, training=True)
+            loss = self.loss_fn(y, logits)
+        return logits, tape.gradient(loss, self.model.trainable_variables)
 
     def _adapt(self, theta, support_x, support_y):
         self.model.set_weights(theta)
@@ -431,20 +503,34 @@ class PlainReptile:
         episode = {k: v.numpy() for k, v in episode.items()}
         theta = self.model.get_weights()
         phis = []
+        grads = []
         correct = 0
         for b in range(self.cfg["meta_batch"]):
             self._adapt(theta, episode["support_x"][b], episode["support_y"][b])
             phis.append(self.model.get_weights())
-            logits = self.model(episode["query_x"][b], training=True)
+            if self.algorithm == "fomaml":
+                logits, grad = self.query_gradient(
+                    episode["query_x"][b], episode["query_y"][b])
+                grads.append([g.numpy() for g in grad])
+            else:
+                logits = self.model(episode["query_x"][b], training=True)
             correct += int(
                 np.sum(np.argmax(logits, -1) == episode["query_y"][b])
             )
         epsilon = float(self.schedule(self.meta_iteration))
         new = []
+        trainable_index = 0
         for i, old in enumerate(theta):
             mean = np.mean([phi[i] for phi in phis], axis=0)
-            new.append(old + epsilon * (mean - old) if self.is_trainable[i]
-                       else mean)
+            if not self.is_trainable[i]:
+                new.append(mean)
+                continue
+            if self.algorithm == "fomaml":
+                grad = np.mean([g[trainable_index] for g in grads], axis=0)
+                new.append(old - epsilon * grad)
+            else:
+                new.append(old + epsilon * (mean - old))
+            trainable_index += 1
         self.model.set_weights(new)
         self.meta_iteration += 1
         return correct
@@ -472,9 +558,9 @@ def single_tasks(iterator):
             yield {k: v[b] for k, v in episode.items()}
 
 
-def bench_plain(cfg, data, *, use_tf_function, repeats, steps):
+def bench_plain(cfg, data, *, use_tf_function, repeats, steps, algorithm="reptile"):
     """The plain loops; a step is one meta-step, or one task for `eval`."""
-    loop = PlainReptile(cfg, use_tf_function)
+    loop = PlainReptile(cfg, use_tf_function, algorithm)
     iterator = iter(make_dataset(cfg, data))
     if cfg["kind"] == "train":
         def step():
@@ -636,6 +722,12 @@ def parse_args(argv=None):
         help="comma-separated subset of: %(default)s",
     )
     parser.add_argument(
+        "--algorithms", default=",".join(ALGORITHMS),
+        type=lambda v: parse_list(v, ALGORITHMS, "algorithms"),
+        help="comma-separated subset of: %(default)s (FOMAML and MAML get "
+        "the default, jit_compile=False and plain-loop rows)",
+    )
+    parser.add_argument(
         "--repeats", type=positive_int, default=None,
         help="timed repeats after warm-up, for every config and variant "
         "(default: 5 for 5way1shot, 3 otherwise)",
@@ -705,6 +797,27 @@ def set_threads(threads):
     tf.config.threading.set_inter_op_parallelism_threads(inter)
 
 
+def planned_rows(cfg, args):
+    """(algorithm, variant) pairs to measure for one configuration, in order.
+
+    Evaluation does not depend on the algorithm (every algorithm adapts
+    alike), so it is measured once. There is no plain MAML loop: second-order
+    MAML needs a functional inner loop, which is what the library provides.
+    """
+    rows = []
+    for variant in args.variants:
+        if variant == "ceiling":
+            continue
+        rows.append(("reptile", variant))
+        if cfg["kind"] == "train" and variant in OTHER_ALGORITHM_VARIANTS:
+            for algorithm in args.algorithms:
+                if algorithm == "reptile" or (
+                        algorithm == "maml" and variant in EAGER_VARIANTS):
+                    continue
+                rows.append((algorithm, variant))
+    return sorted(rows, key=lambda r: ALGORITHMS.index(r[0]))
+
+
 def steps_for(cfg, variant, args):
     if variant in EAGER_VARIANTS and args.eager_steps is not None:
         return args.eager_steps
@@ -713,19 +826,25 @@ def steps_for(cfg, variant, args):
     return cfg["steps"][variant]
 
 
-def finish_rows(cfg, rows, ceiling_rate):
-    """Adds rates, ratio vs the eager loop and % of the ceiling."""
+def finish_rows(cfg, rows, ceiling_rates):
+    """Adds rates, ratios against the same algorithm's plain loops and % of
+    that algorithm's ceiling (`ceiling_rates[algorithm]`, None if unknown)."""
     for row in rows:
+        row.setdefault("algorithm", "reptile")
         if row["variant"] == "ceiling":
             continue
         units = row["steps_per_repeat"] * row["units_per_step"]
         row["rates"] = [units / t for t in row["times_s"]]
         row["rate"] = units / statistics.median(row["times_s"])
-    eager = next((r["rate"] for r in rows if r["variant"] == "eager"), None)
-    eager_tf_function = next(
-        (r["rate"] for r in rows if r["variant"] == "eager_tf_function"), None
-    )
+
+    def rate_of(variant, algorithm):
+        return next((r["rate"] for r in rows if r["variant"] == variant
+                     and r["algorithm"] == algorithm), None)
+
     for row in rows:
+        eager = rate_of("eager", row["algorithm"])
+        eager_tf_function = rate_of("eager_tf_function", row["algorithm"])
+        ceiling_rate = ceiling_rates.get(row["algorithm"])
         row["unit"] = unit_name(cfg)
         row["ratio_vs_eager"] = row["rate"] / eager if eager else None
         row["ratio_vs_eager_tf_function"] = (
@@ -748,7 +867,7 @@ def print_table(results, matmul):
         f"{matmul['repeats']}; the better of the runs before and after)"
     )
     header = (
-        f"{'variant':<42} {'rate':>10} {'first/compile s':>16} "
+        f"{'variant':<50} {'rate':>10} {'first/compile s':>16} "
         f"{'x eager':>8} {'x tf.fn':>8} {'% ceiling':>10} {'traces':>7} "
         f"{'RSS MiB':>8}"
     )
@@ -763,7 +882,7 @@ def print_table(results, matmul):
         print("-" * len(header))
         for row in config["rows"]:
             print(
-                f"{row['label']:<42} {fmt(row['rate'], '10.3f'):>10} "
+                f"{row['label']:<50} {fmt(row['rate'], '10.3f'):>10} "
                 f"{fmt(row.get('first_s'), '16.1f'):>16} "
                 f"{fmt(row['ratio_vs_eager'], '8.2f'):>8} "
                 f"{fmt(row['ratio_vs_eager_tf_function'], '8.2f'):>8} "
@@ -784,6 +903,50 @@ def print_table(results, matmul):
                 f"{', '.join(f'{100 * f:.0f}%' for f in fractions)} of a "
                 "timed repeat."
             )
+
+
+def targets(results):
+    """The issue's target ratios next to the measured ones, default and before.
+
+    "before" is `compile(jit_compile=False)`, which is what the default did
+    before the meta-step chose XLA itself.
+    """
+    lines = []
+    for name, config in results.items():
+        rows = {(r["algorithm"], r["variant"]): r for r in config["rows"]}
+        for algorithm in ALGORITHMS:
+            now, before = rows.get((algorithm, "reptile")), rows.get((algorithm, "reptile_no_xla"))
+            if now is None:
+                continue
+            if config["kind"] == "train":
+                for key, target, unit in (
+                        ("ratio_vs_eager", TARGETS["x_eager"], "x eager loop"),
+                        ("ratio_vs_eager_tf_function", TARGETS["x_tf_function"],
+                         "x tf.function loop"),
+                        ("pct_of_ceiling", TARGETS["pct_of_ceiling"], "% of ceiling")):
+                    lines.append(dict(
+                        config=name, algorithm=algorithm, measure=unit, target=target,
+                        default=now.get(key), before=before and before.get(key)))
+            elif before:
+                lines.append(dict(
+                    config=name, algorithm="any", measure="x evaluate before",
+                    target=TARGETS["eval_speedup"], default=now["rate"] / before["rate"],
+                    before=1.0))
+    return lines
+
+
+def print_targets(lines):
+    print()
+    print("Targets (issue 14): default against the target, and the default before "
+          "(jit_compile=False)")
+    print(f"{'config':<11} {'algorithm':<9} {'measure':<20} {'target':>7} "
+          f"{'default':>8} {'before':>7}  met")
+    for line in lines:
+        met = "-" if line["default"] is None else (
+            "yes" if line["default"] >= line["target"] else "no")
+        print(f"{line['config']:<11} {line['algorithm']:<9} {line['measure']:<20} "
+              f"{line['target']:7.1f} {fmt(line['default'], '8.2f'):>8} "
+              f"{fmt(line['before'], '7.2f'):>7}  {met}")
 
 
 def main(argv=None):
@@ -819,31 +982,32 @@ def main(argv=None):
         repeats = args.repeats or cfg["repeats"]
         fwd, layer_macs = forward_flops_per_image(make_backbone(cfg))
         flops = flops_per_unit(cfg, fwd)
+        flops_by_algorithm = flops_per_unit_by_algorithm(cfg, fwd)
         rows = []
         overhead = None
         if set(REPTILE_VARIANTS) & set(args.variants):
             progress(f"{name} dataset iterator overhead")
             overhead = measure_iterator_overhead(cfg, data)
-        for variant in args.variants:
-            if variant == "ceiling":
-                continue
+        for algorithm, variant in planned_rows(cfg, args):
             steps = steps_for(cfg, variant, args)
-            progress(f"{name} {variant}: warm-up + {repeats} x {steps} steps")
+            progress(f"{name} {algorithm} {variant}: warm-up + {repeats} x {steps} steps")
             if variant in REPTILE_VARIANTS:
                 row = bench_reptile(
-                    cfg, data, jit=variant == "reptile_jit",
+                    cfg, data, jit={"reptile_jit": True,
+                                    "reptile_no_xla": False}.get(variant),
                     parallel_tasks=False if variant == "reptile_sequential" else "auto",
-                    repeats=repeats, steps=steps,
+                    repeats=repeats, steps=steps, algorithm=algorithm,
                 )
             elif variant in EAGER_VARIANTS:
                 row = bench_plain(
                     cfg, data, use_tf_function=variant == "eager_tf_function",
-                    repeats=repeats, steps=steps,
+                    repeats=repeats, steps=steps, algorithm=algorithm,
                 )
             else:
                 row = bench_fused(cfg, repeats=repeats, steps=steps,
                                   per_inner_step=variant == "inner_steps")
-            row.update(variant=variant, label=label(variant, cfg["kind"]),
+            row.update(variant=variant, algorithm=algorithm,
+                       label=label(variant, cfg["kind"], algorithm),
                        repeats=repeats)
             rows.append(row)
         settings = {k: v for k, v in cfg.items() if k not in ("steps", "repeats")}
@@ -857,6 +1021,7 @@ def main(argv=None):
             forward_flops_per_image=fwd,
             macs_per_image_by_layer=layer_macs,
             flops_per_unit=flops,
+            flops_per_unit_by_algorithm=flops_by_algorithm,
             iterator_overhead=overhead,
             rows=rows,
         )
@@ -874,7 +1039,9 @@ def main(argv=None):
                 variant="ceiling", label=label("ceiling", None),
                 rate=config["ceiling_rate"], first_s=None,
             ))
-        finish_rows(cfg, config["rows"], config["ceiling_rate"])
+        finish_rows(cfg, config["rows"], {
+            algorithm: matmul["flops_per_s"] / flops if flops else None
+            for algorithm, flops in config["flops_per_unit_by_algorithm"].items()})
         overhead = config["iterator_overhead"]
         for row in config["rows"]:
             if overhead and row["variant"] in REPTILE_VARIANTS:
@@ -883,6 +1050,8 @@ def main(argv=None):
                 )
 
     print_table(results, matmul)
+    target_lines = targets(results)
+    print_targets(target_lines)
     report = dict(
         benchmark="meta_step",
         timestamp=stamp,
@@ -896,6 +1065,7 @@ def main(argv=None):
         matmul=dict(start=matmul_start, end=matmul_end,
                     used_flops_per_s=matmul["flops_per_s"]),
         configs=results,
+        targets=target_lines,
         wall_time_s=time.time() - started,
     )
     os.makedirs(args.output_dir, exist_ok=True)

@@ -413,7 +413,7 @@ def adapt(
             "Expected a Python int number of steps with `recompute=True` (the "
             f"recomputed loop is unrolled). Received: steps={steps!r}"
         )
-    if not is_unrolled(steps, recompute):
+    if isinstance(steps, int) and not is_unrolled(steps, recompute):
         steps = tf.constant(steps, tf.int32)
     num_rows = tf.shape(x)[0]
     offsets = tf.range(batch_size)
