@@ -108,6 +108,13 @@ class jit_compile_as:
         self.model._jit_compile = self.previous
 
 
+def is_xla_conversion_error(error):
+    """Whether TensorFlow raised `error` because XLA cannot compile a graph."""
+    text = str(error)
+    return ("when trying to compile graph" in text
+            or "tf2xla conversion failed" in text)
+
+
 def op_determinism_enabled():
     """Whether `tf.config.experimental.enable_op_determinism()` is in effect.
 

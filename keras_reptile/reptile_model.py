@@ -1,6 +1,7 @@
 """`ReptileModel`: meta-learning (Reptile, FOMAML, MAML) as a Keras model."""
 
 import inspect
+import warnings
 from typing import Any
 from typing import NamedTuple
 
@@ -502,21 +503,50 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
-        with _compat.jit_compile_as(self, self._train_jit_compile()):
-            super().make_train_function(force=True)
+        xla = self._train_jit_compile()
+        step = self._keras_train_function(xla)
         if self._finite_guard is None:
             self._finite_guard = NonFiniteGuard(self.distribute_strategy)
         guard = self._finite_guard
 
         def train_function(iterator):
-            logs = step(iterator)
+            nonlocal step, xla
+            try:
+                logs = step(iterator)
+            except tf.errors.InvalidArgumentError as error:
+                # Keras's `supports_jit` cannot see every op a layer runs
+                # (e.g. `tf.numpy_function`): an XLA chosen by "auto" that
+                # cannot compile the step gives way to the plain graph.
+                if not (xla and self._jit_request == "auto"
+                        and _compat.is_xla_conversion_error(error)):
+                    raise
+                warnings.warn(
+                    "The meta-step could not be compiled with XLA, which "
+                    '`jit_compile="auto"` chose: '
+                    f"{str(error).strip().splitlines()[0][:300]} Running it without "
+                    "XLA; the meta-batch of the failed attempt was skipped. Pass "
+                    "`compile(jit_compile=False)`, or set `supports_jit = False` "
+                    "on the layer with that op, to skip the attempt.",
+                    stacklevel=2,
+                )
+                xla = False
+                step = self._keras_train_function(False)
+                logs = step(iterator)
             # The variable list and message are built only after a failure:
             # this runs after every step.
             guard.check(self._step_variables, self._kept_description)
             return logs
 
-        step = _compat.swap_train_function(self, train_function)
+        _compat.swap_train_function(self, train_function)
         return train_function
+
+    def _keras_train_function(self, xla):
+        """Keras's step function, compiled with XLA or not; `fit` keeps
+        calling the current `train_function`."""
+        current = self.train_function
+        with _compat.jit_compile_as(self, xla):
+            super().make_train_function(force=True)
+        return _compat.swap_train_function(self, current)
 
     def _kept_description(self):
         kept = ["the meta-weights", "the outer optimizer's state"]

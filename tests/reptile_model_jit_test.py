@@ -145,3 +145,42 @@ def test_loading_compiles_with_the_saved_settings(tmp_path):
     np.testing.assert_allclose(
         loaded.evaluate(_tasks(seed=3), steps=2, verbose=0),
         model.evaluate(_tasks(seed=3), steps=2, verbose=0), rtol=1e-6)
+
+
+class _NumpyProbe(keras.layers.Layer):
+    """The identity through `tf.numpy_function`, which XLA cannot compile;
+    Keras's `supports_jit` stays True, so only the compile fails."""
+
+    def call(self, x):
+        y = tf.numpy_function(lambda a: a, [x], x.dtype, stateful=False)
+        return tf.ensure_shape(y, x.shape)
+
+
+def test_auto_falls_back_to_the_graph_when_xla_cannot_compile_the_step():
+    # The failed XLA attempt consumes one meta-batch; the run then equals a
+    # run without XLA on the episodes after it.
+    runs = {}
+    for jit_compile, skip in (("auto", 0), (False, 1)):
+        keras.utils.set_random_seed(2)
+        model = _model(layers=[_NumpyProbe()])
+        model.compile(optimizer="sgd", loss=SCCE, jit_compile=jit_compile)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(_tasks().skip(skip), steps_per_epoch=3, verbose=0)
+        runs[jit_compile] = (model.model.get_weights(), int(model.optimizer.iterations),
+                             [str(w.message) for w in caught
+                              if "could not be compiled with XLA" in str(w.message)])
+    (auto, auto_steps, auto_warnings), (plain, plain_steps, plain_warnings) = (
+        runs["auto"], runs[False])
+    assert auto_steps == plain_steps == 3
+    assert len(auto_warnings) == 1 and "jit_compile=False" in auto_warnings[0]
+    assert plain_warnings == []
+    for a, b in zip(auto, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_an_explicit_xla_request_that_cannot_compile_fails_loudly():
+    model = _model(layers=[_NumpyProbe()])
+    model.compile(optimizer="sgd", loss=SCCE, jit_compile=True)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="compile"):
+        model.fit(_tasks(), steps_per_epoch=1, verbose=0)
