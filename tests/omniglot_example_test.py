@@ -130,3 +130,22 @@ def test_comparison_table_has_a_row_per_model_and_the_baseline_last():
                         "batches | 40.0% ± 2.0 | – | 40.0% ± 2.0 | – |")
     # Without a baseline run: the models only.
     assert len(compare_algorithms.table({"maml, none head": _result(0.6)}).splitlines()) == 3
+
+
+def test_image_size_and_filters_reach_the_network_and_the_comparison(tmp_path):
+    args = omniglot.parse_args(["--preset", "20way1shot", "--image-size", "56",
+                                "--filters", "16", "--head", "prototype"])
+    model = omniglot.build_model(dict(omniglot.PRESETS["20way1shot"]), args)
+    assert model.model.input_shape == (None, 56, 56, 1)
+    # 56 -> 28 -> 14 -> 7 -> 4 pixels per side after the four stride-2 blocks.
+    assert model.model.get_layer("conv1").kernel.shape == (3, 3, 1, 16)
+    assert model.model.get_layer("flatten").output.shape == (None, 4 * 4 * 16)
+
+    compare = compare_algorithms.parse_args(
+        ["--image-size", "56", "--filters", "16", "--output-dir", str(tmp_path / "res56")])
+    argv = compare_algorithms.command(compare, "fomaml", "prototype", baseline=False)
+    assert argv[argv.index("--image-size") + 1] == "56"
+    assert argv[argv.index("--filters") + 1] == "16"
+    # Another comparison's backup is never resumed: one directory per output.
+    backup = argv[argv.index("--backup-dir") + 1]
+    assert backup.endswith(os.path.join("res56", "fomaml_prototype", "backup"))
