@@ -169,7 +169,9 @@ def parse_args(argv=None):
     parser.add_argument("--filters", type=int, default=64,
                         help="Filters of every conv4 convolution (64 is the "
                         "field's standard).")
-    parser.add_argument("--jit-compile", action="store_true")
+    parser.add_argument("--jit-compile", choices=["auto", "true", "false"], default="auto",
+                        help="compile(jit_compile=...): auto compiles the meta-step "
+                        "with XLA where it can and evaluates without it.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join(REPO, "docs", "omniglot"))
     parser.add_argument("--backup-dir", default=None,
@@ -233,7 +235,7 @@ def build_model(config, args):
         optimizer=outer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        jit_compile=args.jit_compile,
+        jit_compile={"auto": "auto", "true": True, "false": False}[args.jit_compile],
     )
     return model
 

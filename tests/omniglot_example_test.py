@@ -140,6 +140,8 @@ def test_image_size_and_filters_reach_the_network_and_the_comparison(tmp_path):
     # 56 -> 28 -> 14 -> 7 -> 4 pixels per side after the four stride-2 blocks.
     assert model.model.get_layer("conv1").kernel.shape == (3, 3, 1, 16)
     assert model.model.get_layer("flatten").output.shape == (None, 4 * 4 * 16)
+    # No --jit-compile: the library's choice (XLA for the meta-step).
+    assert model.get_compile_config()["jit_compile"] == "auto"
 
     compare = compare_algorithms.parse_args(
         ["--image-size", "56", "--filters", "16", "--output-dir", str(tmp_path / "res56")])
