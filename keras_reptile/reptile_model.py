@@ -88,11 +88,15 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
 
     `compile(jit_compile="auto")` (Keras's default) compiles the meta-step
     with XLA also on machines without accelerators, where Keras would not:
-    the meta-step is many small ops that XLA fuses, 1.5-1.7x faster on a
-    2-core CPU (see `benchmarks/meta_step.py`). It stays off where XLA
-    cannot compile the step: several replicas, layers without XLA support,
-    or a second-order gradient through a `tf.while_loop` (MAML with more
-    than `keras_reptile.inner_loop.MAX_UNROLLED_STEPS` inner steps).
+    the meta-step is many small ops that XLA fuses: 1.6-2.3x faster at the
+    paper's 5-way settings on a 2-core CPU, as fast at 20-way, where the
+    inner batches are larger (see the README's speed table). It stays off
+    where XLA cannot compile the step: several replicas, layers without XLA
+    support, or a second-order gradient through a `tf.while_loop` (MAML
+    with more than `keras_reptile.inner_loop.MAX_UNROLLED_STEPS` inner
+    steps); if XLA still fails on an op Keras cannot see (such as
+    `tf.numpy_function`), the step falls back to the plain graph with a
+    warning.
     Evaluation and prediction keep Keras's own choice. An explicit
     `jit_compile=True` or `False` applies to every step.
 
@@ -469,6 +473,8 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         # Saved as asked, so a loaded model resolves "auto" again.
         _compat.record_compile_argument(self, "jit_compile", self._jit_request)
 
+    compile.__doc__ = keras.Model.compile.__doc__
+
     def compile_from_config(self, config):
         # Keras's own skips models that override `compile`.
         self.compile(**keras.saving.deserialize_keras_object(config))
@@ -480,8 +486,9 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
 
         An explicit `compile(jit_compile=...)` decides. On `"auto"` Keras
         turns XLA off on machines without accelerators; the meta-step is
-        many small ops that XLA fuses, and on a 2-core CPU it ran 1.5-1.7x
-        faster with XLA (benchmarks/meta_step.py), so `"auto"` compiles it
+        many small ops that XLA fuses, and on a 2-core CPU it ran 1.6-2.3x
+        faster with XLA at 5-way and no slower at 20-way
+        (benchmarks/meta_step.py), so `"auto"` compiles it
         with XLA wherever XLA can: one replica, layers that support it, and
         no second-order gradient through a `tf.while_loop`. Evaluation keeps
         Keras's choice: its longer inner loop is a `tf.while_loop`, which
