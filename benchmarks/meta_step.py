@@ -71,7 +71,8 @@ Configurations (the paper's Omniglot settings, Nichol et al. 2018):
 Then the issue's targets (keras_reptile issue 14) next to the default's
 ratios and those of the default before (`jit_compile=False`): `fit` at
 >= 45x the eager loop, >= 3.5x the `tf.function` loop and >= 60% of the
-matmul ceiling; `evaluate` at >= 2x its rate before. The ceiling of a
+matmul ceiling; `evaluate` at >= 2x its rate before (given `--before`, the
+JSON of a run of the earlier code on the same machine). The ceiling of a
 FOMAML meta-step adds its query backward passes; MAML's has no simple
 count and is not given.
 
@@ -763,6 +764,11 @@ def parse_args(argv=None):
         "counts (default: TensorFlow's choice)",
     )
     parser.add_argument(
+        "--before", default=None, metavar="JSON",
+        help="this benchmark's JSON from the earlier code on this machine: "
+        "evaluate's target compares the default rate with that run's",
+    )
+    parser.add_argument(
         "--output-dir", default=os.path.join(HERE, "results"),
         help="where the JSON goes (default: benchmarks/results)",
     )
@@ -905,11 +911,14 @@ def print_table(results, matmul):
             )
 
 
-def targets(results):
+def targets(results, before_report=None):
     """The issue's target ratios next to the measured ones, default and before.
 
-    "before" is `compile(jit_compile=False)`, which is what the default did
-    before the meta-step chose XLA itself.
+    For `fit`, "before" is `compile(jit_compile=False)`, which is what the
+    default did before the meta-step chose XLA itself. Evaluation's default
+    path has no such switch, so its "before" is the default `evaluate` rate
+    in `before_report` (this benchmark's JSON, run on the earlier code on the
+    same machine); without one there is no evaluation line.
     """
     lines = []
     for name, config in results.items():
@@ -927,10 +936,12 @@ def targets(results):
                     lines.append(dict(
                         config=name, algorithm=algorithm, measure=unit, target=target,
                         default=now.get(key), before=before and before.get(key)))
-            elif before:
+            elif before_report and name in before_report["configs"]:
+                earlier = next(r for r in before_report["configs"][name]["rows"]
+                               if r["variant"] == "reptile")
                 lines.append(dict(
                     config=name, algorithm="any", measure="x evaluate before",
-                    target=TARGETS["eval_speedup"], default=now["rate"] / before["rate"],
+                    target=TARGETS["eval_speedup"], default=now["rate"] / earlier["rate"],
                     before=1.0))
     return lines
 
@@ -1050,7 +1061,11 @@ def main(argv=None):
                 )
 
     print_table(results, matmul)
-    target_lines = targets(results)
+    before_report = None
+    if args.before:
+        with open(args.before) as f:
+            before_report = json.load(f)
+    target_lines = targets(results, before_report)
     print_targets(target_lines)
     report = dict(
         benchmark="meta_step",
