@@ -14,14 +14,18 @@ Smaller runs:
 
 For each configuration it measures, in this process and run:
 
-* `reptile` / `reptile_no_xla` / `reptile_sequential` / `reptile_jit`:
+* `reptile` / `reptile_no_xla` / `reptile_sequential` / `reptile_jit` /
+  `reptile_per_task`:
   `ReptileModel.fit` as shipped (default settings: `jit_compile="auto"`,
   which compiles the meta-step with XLA and leaves evaluation to Keras's
-  choice, and `parallel_tasks="auto"`, which on a CPU lets the executor run
-  the meta-batch's tasks concurrently), with `compile(jit_compile=False)`
-  (no XLA anywhere: what the default did before), with
-  `parallel_tasks=False` (tasks one after the other), and with
-  `compile(jit_compile=True)`, on an episodic
+  choice, `parallel_tasks="auto"`, which on a CPU lets the executor run
+  the meta-batch's tasks concurrently, and `batched_tasks="auto"`, which
+  adapts evaluation's tasks in one batched computation), with
+  `compile(jit_compile=False)` (no XLA anywhere: what the default did
+  before), with `parallel_tasks=False` (tasks one after the other), with
+  `compile(jit_compile=True)`, and, for `eval` only, with
+  `batched_tasks=False` (one graph branch per task: what evaluation did
+  before), on an episodic
   dataset from `keras_reptile.episodes.from_arrays` over random
   Omniglot-shaped data (100 classes x 20 images of 28x28x1). One warm-up
   `fit(steps_per_epoch=1)` (its wall time is reported as first-step/compile
@@ -71,8 +75,9 @@ Configurations (the paper's Omniglot settings, Nichol et al. 2018):
 Then the issue's targets (keras_reptile issue 14) next to the default's
 ratios and those of the default before (`jit_compile=False`): `fit` at
 >= 45x the eager loop, >= 3.5x the `tf.function` loop and >= 60% of the
-matmul ceiling; `evaluate` at >= 2x its rate before (given `--before`, the
-JSON of a run of the earlier code on the same machine). The ceiling of a
+matmul ceiling; `evaluate` at >= 2x its rate before: against
+`batched_tasks=False` in this run and, given `--before`, against the default
+in the JSON of a run of the earlier code on the same machine. The ceiling of a
 FOMAML meta-step adds its query backward passes; MAML's has no simple
 count and is not given.
 
@@ -139,13 +144,16 @@ CONFIGS = {
         # evaluate steps of 5 tasks; the eager loops' and fused steps are
         # single tasks.
         steps={"reptile": 2, "reptile_no_xla": 2, "reptile_sequential": 2,
-               "reptile_jit": 1, "eager": 1, "eager_tf_function": 2,
+               "reptile_jit": 1, "reptile_per_task": 2, "eager": 1, "eager_tf_function": 2,
                "inner_steps": 5, "fused": 5},
     ),
 }
 VARIANTS = ("reptile", "reptile_no_xla", "reptile_sequential", "reptile_jit",
-            "eager", "eager_tf_function", "inner_steps", "fused", "ceiling")
-REPTILE_VARIANTS = ("reptile", "reptile_no_xla", "reptile_sequential", "reptile_jit")
+            "reptile_per_task", "eager", "eager_tf_function", "inner_steps", "fused", "ceiling")
+REPTILE_VARIANTS = ("reptile", "reptile_no_xla", "reptile_sequential", "reptile_jit",
+                    "reptile_per_task")
+# Variants that differ from the default only in evaluation.
+EVAL_ONLY_VARIANTS = ("reptile_per_task",)
 EAGER_VARIANTS = ("eager", "eager_tf_function")
 ALGORITHMS = ("reptile", "fomaml", "maml")
 # FOMAML and MAML get the rows that compare the default with the plain loops
@@ -167,6 +175,7 @@ def label(variant, kind, algorithm="reptile"):
         "reptile_no_xla": f"ReptileModel.{method} (jit_compile=False)",
         "reptile_sequential": f"ReptileModel.{method} (parallel_tasks=False)",
         "reptile_jit": f"ReptileModel.{method} (jit_compile=True)",
+        "reptile_per_task": f"ReptileModel.{method} (batched_tasks=False)",
         "eager": "eager loop (keras.io style)",
         "eager_tf_function": "eager loop, tf.function inner step",
         "inner_steps": "inner steps alone, back to back (reference)",
@@ -356,7 +365,7 @@ def measure_matmul(n, repeats):
 
 
 def bench_reptile(cfg, data, *, jit, parallel_tasks, repeats, steps,
-                  algorithm="reptile"):
+                  algorithm="reptile", batched_tasks="auto"):
     """`ReptileModel.fit` (or `evaluate`) as a user would call it.
 
     `jit` is passed to `compile(jit_compile=...)`; None leaves Keras's
@@ -373,6 +382,7 @@ def bench_reptile(cfg, data, *, jit, parallel_tasks, repeats, steps,
         eval_inner_steps=cfg["inner_steps"] if cfg["kind"] == "eval" else 50,
         eval_inner_batch_size=cfg["inner_batch"],
         parallel_tasks=parallel_tasks,
+        batched_tasks=batched_tasks,
     )
     # Python side effects run only while `tf.function` traces, so this
     # counts traces of the step. Keras binds `self.train_step` when it first
@@ -706,7 +716,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         epilog=f"Default steps per repeat ({', '.join(VARIANTS[:-1])}) and repeats: "
         + "; ".join(
-            f"{name}: steps {', '.join(str(c['steps'][v]) for v in VARIANTS[:-1])}"
+            f"{name}: steps {', '.join(str(c['steps'].get(v, '-')) for v in VARIANTS[:-1])}"
             f", repeats {c['repeats']}"
             for name, c in CONFIGS.items()
         ),
@@ -812,7 +822,8 @@ def planned_rows(cfg, args):
     """
     rows = []
     for variant in args.variants:
-        if variant == "ceiling":
+        if variant == "ceiling" or (
+                cfg["kind"] == "train" and variant in EVAL_ONLY_VARIANTS):
             continue
         rows.append(("reptile", variant))
         if cfg["kind"] == "train" and variant in OTHER_ALGORITHM_VARIANTS:
@@ -915,10 +926,10 @@ def targets(results, before_report=None):
     """The issue's target ratios next to the measured ones, default and before.
 
     For `fit`, "before" is `compile(jit_compile=False)`, which is what the
-    default did before the meta-step chose XLA itself. Evaluation's default
-    path has no such switch, so its "before" is the default `evaluate` rate
-    in `before_report` (this benchmark's JSON, run on the earlier code on the
-    same machine); without one there is no evaluation line.
+    default did before the meta-step chose XLA itself. For `evaluate` it is
+    `batched_tasks=False` in this run (the per-task evaluation) and, given
+    `before_report` (this benchmark's JSON, run on the earlier code on the
+    same machine), that run's default `evaluate` rate.
     """
     lines = []
     for name, config in results.items():
@@ -936,7 +947,14 @@ def targets(results, before_report=None):
                     lines.append(dict(
                         config=name, algorithm=algorithm, measure=unit, target=target,
                         default=now.get(key), before=before and before.get(key)))
-            elif before_report and name in before_report["configs"]:
+                continue
+            per_task = rows.get((algorithm, "reptile_per_task"))
+            if per_task is not None:
+                lines.append(dict(
+                    config=name, algorithm="any", measure="x per-task evaluate",
+                    target=TARGETS["eval_speedup"], default=now["rate"] / per_task["rate"],
+                    before=1.0))
+            if before_report and name in before_report["configs"]:
                 earlier = next(r for r in before_report["configs"][name]["rows"]
                                if r["variant"] == "reptile")
                 lines.append(dict(
@@ -1008,6 +1026,7 @@ def main(argv=None):
                                     "reptile_no_xla": False}.get(variant),
                     parallel_tasks=False if variant == "reptile_sequential" else "auto",
                     repeats=repeats, steps=steps, algorithm=algorithm,
+                    batched_tasks=False if variant == "reptile_per_task" else "auto",
                 )
             elif variant in EAGER_VARIANTS:
                 row = bench_plain(

@@ -2,6 +2,7 @@
 
 from keras_reptile import algorithms
 from keras_reptile import augmentation
+from keras_reptile import batched_tasks
 from keras_reptile import callbacks
 from keras_reptile import datasets
 from keras_reptile import episodes
@@ -22,6 +23,7 @@ __all__ = [
     "ReptileModel",
     "algorithms",
     "augmentation",
+    "batched_tasks",
     "callbacks",
     "datasets",
     "episodes",

@@ -10,6 +10,7 @@ def test_public_api_is_listed_explicitly():
         "ReptileModel",
         "algorithms",
         "augmentation",
+        "batched_tasks",
         "callbacks",
         "datasets",
         "episodes",
@@ -37,6 +38,9 @@ def test_submodule_apis():
     ]
     assert sorted(keras_reptile.heads.__all__) == ["PrototypeHead", "get"]
     assert keras_reptile.augmentation.__all__ == ["affine_distortions"]
+    assert sorted(keras_reptile.batched_tasks.__all__) == [
+        "adapt", "grouped_convolutions_work", "unsupported_reason",
+    ]
     assert sorted(keras_reptile.pretrained.__all__) == ["NAMES", "load", "saved_model_path"]
     assert sorted(keras_reptile.datasets.__all__) == [
         "Omniglot", "OmniglotDownloadError", "omniglot", "sine", "sine_function",

@@ -392,6 +392,10 @@ TRIGGERS = {
     "rm-model-nested": lambda: ReptileModel(_classifier()),
     "rm-model-outputs": lambda: ReptileModel(_two_output_net()),
     "rm-parallel-tasks": lambda: ReptileModel(_dense_net(), parallel_tasks="yes"),
+    "rm-batched-tasks": lambda: ReptileModel(_dense_net(), batched_tasks="yes"),
+    "rm-batched-unsupported": lambda: ReptileModel(
+        _dense_net(), batched_tasks=True,
+        inner_optimizer=keras.optimizers.Adam(1e-3, clipnorm=1.0)),
     "rm-steps": _set_inner_steps,
     "rm-eval-batch": lambda: ReptileModel(_dense_net(), eval_inner_batch_size=0),
     "rm-algorithm": lambda: ReptileModel(_dense_net(), algorithm="sgd"),

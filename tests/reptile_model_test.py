@@ -559,12 +559,12 @@ def test_regression_tasks_from_a_task_generator():
 
 def test_get_config_round_trip():
     model = _conv_reptile(transductive=True, eval_inner_batch_size=7, parallel_tasks=False,
-                          carry_inner_optimizer_state=True)
+                          carry_inner_optimizer_state=True, batched_tasks=False)
     config = model.get_config()
     restored = ReptileModel.from_config(config)
     for key in ("inner_steps", "inner_batch_size", "eval_inner_steps",
                 "eval_inner_batch_size", "transductive", "parallel_tasks",
-                "carry_inner_optimizer_state"):
+                "batched_tasks", "carry_inner_optimizer_state"):
         assert getattr(restored, key) == getattr(model, key)
     assert restored.inner_optimizer.get_config() == model.inner_optimizer.get_config()
     assert type(restored.inner_optimizer) is keras.optimizers.Adam
@@ -850,7 +850,8 @@ def test_settings_are_validated_when_changed():
     with pytest.raises(TypeError, match="Received: transductive='yes'"):
         model.transductive = "yes"
     assert model.eval_inner_steps == 12 and model.transductive is False
-    for name, value in (("parallel_tasks", False), ("carry_inner_optimizer_state", True),
+    for name, value in (("parallel_tasks", False), ("batched_tasks", False),
+                        ("carry_inner_optimizer_state", True),
                         ("algorithm", "maml"), ("head", "prototype")):
         with pytest.raises(AttributeError, match=f"`{name}` is fixed at construction"):
             setattr(model, name, value)
