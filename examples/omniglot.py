@@ -109,6 +109,10 @@ def parse_args(argv=None):
                         "validation and one learning-curve point per epoch).")
     parser.add_argument("--baseline", action="store_true",
                         help="Also train and test the classifier + cosine-NN baseline.")
+    parser.add_argument("--baseline-only", action="store_true",
+                        help="Train and test only the baseline, for --time-budget "
+                        "seconds of training batches (no meta-training): the "
+                        "baseline as long as an earlier meta-training run.")
     parser.add_argument("--carry-inner-state", action="store_true",
                         help="Carry the inner Adam's state across tasks and "
                         "meta-steps, as the paper's code does "
@@ -240,6 +244,32 @@ def build_model(config, args):
     return model
 
 
+def baseline_only(train, test, test_name, config, args, out_dir, argv):
+    """--baseline-only: the baseline for --time-budget seconds, tested as the meta-learner is."""
+    results = {
+        "preset": args.preset,
+        "command": "python examples/omniglot.py " + " ".join(
+            sys.argv[1:] if argv is None else argv),
+        "augment": args.augment if args.augment == "none" else
+        dict(AUGMENTATIONS[args.augment], interpolation=args.interpolation, per="image"),
+        "image_size": args.image_size,
+        "filters": args.filters,
+        "time_budget": args.time_budget,
+        "train_on": args.train_on,
+        "train_classes": f"{train.num_classes} characters x 4 rotations "
+                         f"({', '.join(train.alphabet_names)})",
+        "test": f"{test_name} ({test.num_classes} characters)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
+                   f"Keras {keras.__version__}",
+        "baseline": run_baseline(train, args.time_budget,
+                                 test_protocols(config, args, test), args),
+    }
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2))
+    return results
+
+
 class MetaStepTimer(keras.callbacks.Callback):
     """Records the wall time spent in training batches (not validation).
 
@@ -321,6 +351,20 @@ def train_baseline(train, seconds, args):
         "seconds": round(stop.seconds, 1),
         "final_train_accuracy": float(history.history["accuracy"][-1]),
     }
+
+
+def run_baseline(train, seconds, protocols, args):
+    """Trains the baseline for `seconds` and tests it on `protocols`."""
+    features, info = train_baseline(train, seconds, args)
+    results = {"training": info}
+    for protocol, episodes in protocols:
+        accuracy = cosine_nn_accuracy(features, episodes, args.eval_tasks)
+        results[protocol] = {
+            "accuracy": round(accuracy.mean, 4), "ci95": round(accuracy.ci95, 4),
+            "tasks": accuracy.num_tasks,
+        }
+        print(f"Baseline (classifier + cosine NN) {protocol}: {accuracy}", flush=True)
+    return results
 
 
 class TimeBudget(MetaStepTimer):
@@ -412,6 +456,8 @@ def check_args(args, config):
     """Refuses settings that could only fail after training, before any work."""
     if args.anneal == "time" and not args.time_budget:
         raise SystemExit("--anneal time needs --time-budget (the seconds to anneal over).")
+    if args.baseline_only and not args.time_budget:
+        raise SystemExit("--baseline-only needs --time-budget (the seconds to train it for).")
     if args.augment_per == "class" and args.augment == "none":
         raise SystemExit("--augment-per class needs --augment (the distortions to draw).")
     if args.protocols and args.eval_shots:
@@ -450,6 +496,8 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
 
     train, val, test, test_name = load_splits(args, config["ways"])
+    if args.baseline_only:
+        return baseline_only(train, test, test_name, config, args, out_dir, argv)
     train_tasks = train.episodes(
         ways=config["ways"], shots=args.train_shots, query_shots=1,
         meta_batch_size=META_BATCH, seed=args.seed, rotations=True,
@@ -554,15 +602,7 @@ def main(argv=None):
             print(f"{args.algorithm} ({args.head} head) {key}: {accuracy}", flush=True)
 
     if args.baseline:
-        features, info = train_baseline(train, timer.seconds, args)
-        results["baseline"] = {"training": info}
-        for protocol, episodes in protocols:
-            accuracy = cosine_nn_accuracy(features, episodes, args.eval_tasks)
-            results["baseline"][protocol] = {
-                "accuracy": round(accuracy.mean, 4), "ci95": round(accuracy.ci95, 4),
-                "tasks": accuracy.num_tasks,
-            }
-            print(f"Baseline (classifier + cosine NN) {protocol}: {accuracy}", flush=True)
+        results["baseline"] = run_baseline(train, timer.seconds, protocols, args)
 
     export_dir = args.export_dir or os.path.join(REPO, "saved_models", f"omniglot_{name}")
     export_path = keras_reptile.export.next_version_path(export_dir)

@@ -42,6 +42,7 @@ def test_protocols_by_default_by_name_and_by_shots():
     (["--protocols", "5way1shot", "--eval-shots", "1"], "either --protocols or --eval-shots"),
     (["--anneal", "time"], "--anneal time needs --time-budget"),
     (["--augment-per", "class"], "--augment-per class needs --augment"),
+    (["--baseline-only"], "--baseline-only needs --time-budget"),
 ])
 def test_settings_that_could_only_fail_after_training_are_refused_first(argv, message):
     with pytest.raises(SystemExit, match=message):
