@@ -10,6 +10,7 @@ passes, the inner optimizer's elementwise update, the loop's bookkeeping):
 
     python benchmarks/eval_profile.py
     python benchmarks/eval_profile.py --ways 20 --batch 10
+    python benchmarks/eval_profile.py --batched-tasks false   # one branch per task
 
 Op times are wall time per op summed over ops, so with the executor running
 ops on several threads at once they add up to more than the step's wall
@@ -55,6 +56,7 @@ GROUPS = {
         "Enter", "Exit", "Merge", "Switch", "NextIteration", "LoopCond", "Identity",
         "Const", "Less", "LogicalAnd", "Reshape", "Shape", "ShapeN", "Squeeze",
         "ExpandDims", "Pack", "StridedSlice", "ConcatV2", "Range", "GatherV2",
+        "Transpose", "Unpack",
         "ReadVariableOp", "StopGradient", "NoOp", "_Retval", "_Arg"),
 }
 
@@ -68,13 +70,17 @@ def main(argv=None):
     parser.add_argument("--meta-batch", type=int, default=5)
     parser.add_argument("--runs", type=int, default=3,
                         help="traced runs after one warm-up run; op times summed")
+    parser.add_argument("--batched-tasks", choices=["auto", "false"], default="auto",
+                        help="ReptileModel(batched_tasks=...): auto adapts the "
+                        "tasks in one computation, false one branch per task")
     parser.add_argument("--output-dir", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
 
     keras.utils.set_random_seed(0)
     model = keras_reptile.ReptileModel(
         keras_reptile.models.conv4((28, 28, 1), num_classes=args.ways),
-        eval_inner_steps=args.steps, eval_inner_batch_size=args.batch)
+        eval_inner_steps=args.steps, eval_inner_batch_size=args.batch,
+        batched_tasks={"auto": "auto", "false": False}[args.batched_tasks])
     model.compile(optimizer="sgd", jit_compile=False, loss=keras.losses.
                   SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
@@ -105,12 +111,12 @@ def main(argv=None):
     options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
     by_type = collections.Counter()
     walls = []
+    types = {n.name: n.op for n in graph.as_graph_def().node}
     for _ in range(args.runs):
         metadata = tf.compat.v1.RunMetadata()
         start = time.perf_counter()
         session.run(fetch, feed, options=options, run_metadata=metadata)
         walls.append(time.perf_counter() - start)
-        types = {n.name: n.op for n in graph.as_graph_def().node}
         for device in metadata.step_stats.dev_stats:
             for node in device.node_stats:
                 name = node.node_name.split(":")[0]

@@ -71,6 +71,8 @@ Configurations (the paper's Omniglot settings, Nichol et al. 2018):
 * `eval`: `evaluate()` on 5-way 1-shot episodes (S = 5, Q = 5), meta-batch
   5, `eval_inner_steps=50`, `eval_inner_batch_size=5`, non-transductive;
   rates are tasks (episodes) per second.
+* `eval20`: the same on 20-way 1-shot episodes (S = 20, Q = 20),
+  `eval_inner_batch_size=10`, inner `Adam(5e-4, beta_1=0)`.
 
 Then the issue's targets (keras_reptile issue 14) next to the default's
 ratios and those of the default before (`jit_compile=False`): `fit` at
@@ -146,6 +148,14 @@ CONFIGS = {
         steps={"reptile": 2, "reptile_no_xla": 2, "reptile_sequential": 2,
                "reptile_jit": 1, "reptile_per_task": 2, "eager": 1, "eager_tf_function": 2,
                "inner_steps": 5, "fused": 5},
+    ),
+    "eval20": dict(
+        kind="eval", ways=20, shots=1, query_shots=1, meta_batch=5,
+        inner_batch=10, inner_steps=50, inner_lr=5e-4, decay_steps=200_000,
+        repeats=3,
+        steps={"reptile": 1, "reptile_no_xla": 1, "reptile_sequential": 1,
+               "reptile_jit": 1, "reptile_per_task": 1, "eager": 1, "eager_tf_function": 1,
+               "inner_steps": 2, "fused": 2},
     ),
 }
 VARIANTS = ("reptile", "reptile_no_xla", "reptile_sequential", "reptile_jit",

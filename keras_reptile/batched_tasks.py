@@ -135,34 +135,34 @@ def adapt(
         tensor with the leading task axis.
     """
     plan = _plan(model)
+    if isinstance(plan, str):
+        raise ValueError(
+            "Expected a model whose tasks can be adapted in one batched "
+            f"computation. Received model {model.name!r}, but {plan}."
+        )
     tasks = int(x.shape[0])
-    if isinstance(steps, int) and not inner_loop.is_unrolled(steps):
-        steps = tf.constant(steps, tf.int32)
-    num_rows = tf.shape(x)[1]
-    offsets = tf.range(batch_size)
 
-    def step_fn(t, carry):
-        params, state, nt = carry
-        rows = (t * batch_size + offsets) % num_rows
-        xb = tf.gather(x, rows, axis=1)
-        yb = tf.gather(y, rows, axis=1)
-        with tf.GradientTape() as tape:
-            tape.watch(params)
-            y_pred, new_nt = _forward(plan, params, nt, xb, tasks, training=True)
-            loss = tf.add_n([loss_fn(yb[i], y_pred[i]) for i in range(tasks)])
-        grads = tape.gradient(loss, params)
-        iteration = t
-        if not (isinstance(first_iteration, int) and first_iteration == 0):
-            iteration = tf.cast(first_iteration, tf.int64) + tf.cast(t, tf.int64)
-        params, state = optimizer.update(grads, params, state, iteration)
-        return params, state, new_nt
+    def loss_of_all_tasks(params, non_trainable, x_batch, y_batch):
+        # The sum: each task's weights get their own task's gradient.
+        y_pred, new_state = _forward(
+            plan, params, non_trainable, x_batch, tasks, training=True
+        )
+        loss = tf.add_n([loss_fn(y_batch[i], y_pred[i]) for i in range(tasks)])
+        return loss, new_state
 
-    params = list(trainable)
-    if optimizer_state is None:
-        optimizer_state = optimizer.init(params)
-    carry = (params, optimizer_state, list(non_trainable))
-    params, optimizer_state, nt = inner_loop.fori_loop(steps, step_fn, carry)
-    return list(params), list(nt), optimizer_state
+    return inner_loop.minimize(
+        loss_of_all_tasks,
+        trainable,
+        non_trainable,
+        x,
+        y,
+        optimizer=optimizer,
+        steps=steps,
+        batch_size=batch_size,
+        optimizer_state=optimizer_state,
+        first_iteration=first_iteration,
+        rows_axis=1,
+    )
 
 
 @functools.cache

@@ -420,24 +420,74 @@ def adapt(
             "Expected a Python int number of steps with `recompute=True` (the "
             f"recomputed loop is unrolled). Received: steps={steps!r}"
         )
+    def task_loss(params, nt, xb, yb):
+        y_pred, new_nt, losses = stateless_call(
+            model, params, nt, xb, training=True, return_losses=True
+        )
+        loss = loss_fn(yb, y_pred)
+        if losses:
+            loss = loss + tf.add_n([tf.cast(tf.reduce_sum(l), loss.dtype) for l in losses])
+        return loss, new_nt
+
+    params, nt, optimizer_state = minimize(
+        task_loss,
+        trainable,
+        non_trainable,
+        x,
+        y,
+        optimizer=optimizer,
+        steps=steps,
+        batch_size=batch_size,
+        optimizer_state=optimizer_state,
+        first_iteration=first_iteration,
+        recompute=recompute,
+    )
+    if return_optimizer_state:
+        return params, nt, optimizer_state
+    return params, nt
+
+
+def minimize(
+    loss_fn,
+    trainable,
+    non_trainable,
+    x,
+    y,
+    *,
+    optimizer,
+    steps,
+    batch_size,
+    optimizer_state=None,
+    first_iteration=0,
+    recompute=False,
+    rows_axis=0,
+):
+    """The inner loop of `adapt` around any loss: batches, gradients, updates.
+
+    Args:
+        loss_fn: `loss_fn(params, non_trainable, x_batch, y_batch)` returning
+            the scalar loss and the non-trainable values after the pass.
+        trainable, non_trainable, x, y, optimizer, steps, batch_size,
+        optimizer_state, first_iteration, recompute: As for `adapt`.
+        rows_axis: The axis of `x` and `y` that holds the support rows
+            (1 when a leading axis holds tasks).
+
+    Returns:
+        `(trainable, non_trainable, optimizer_state)` after the steps.
+    """
     if isinstance(steps, int) and not is_unrolled(steps, recompute):
         steps = tf.constant(steps, tf.int32)
-    num_rows = tf.shape(x)[0]
+    num_rows = tf.shape(x)[rows_axis]
     offsets = tf.range(batch_size)
 
     def step_fn(t, carry):
         params, state, nt = carry
         rows = (t * batch_size + offsets) % num_rows
-        xb = tf.gather(x, rows)
-        yb = tf.gather(y, rows)
+        xb = tf.gather(x, rows, axis=rows_axis)
+        yb = tf.gather(y, rows, axis=rows_axis)
         with tf.GradientTape() as tape:
             tape.watch(params)
-            y_pred, new_nt, losses = stateless_call(
-                model, params, nt, xb, training=True, return_losses=True
-            )
-            loss = loss_fn(yb, y_pred)
-            if losses:
-                loss = loss + tf.add_n([tf.cast(tf.reduce_sum(l), loss.dtype) for l in losses])
+            loss, new_nt = loss_fn(params, nt, xb, yb)
         grads = tape.gradient(loss, params)
         iteration = t
         if not (isinstance(first_iteration, int) and first_iteration == 0):
@@ -452,9 +502,7 @@ def adapt(
         optimizer_state = optimizer.init(params)
     carry = (params, optimizer_state, list(non_trainable))
     params, optimizer_state, nt = fori_loop(steps, step_fn, carry)
-    if return_optimizer_state:
-        return list(params), list(nt), optimizer_state
-    return list(params), list(nt)
+    return list(params), list(nt), optimizer_state
 
 
 def _recomputed(step_fn):

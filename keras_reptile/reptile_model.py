@@ -84,6 +84,8 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
     `evaluate` (and `validation_data`) adapts from θ to each episode's
     support set with `eval_inner_steps` steps of `eval_inner_batch_size`
     rows and reports loss and metrics on its query set; θ is unchanged.
+    For models built from the usual layers it adapts all tasks of a
+    meta-batch in one batched computation (`batched_tasks`).
     `adapt()` returns an adapted copy of the wrapped model, and
     `adapt_and_predict()` the adapted model's query outputs.
 

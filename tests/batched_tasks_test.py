@@ -239,3 +239,14 @@ def test_freezing_a_layer_after_planning_plans_again():
     (weights, state), (b_weights, b_state, _) = _both(net, x, y, MSE, 2, 3)
     _assert_close(weights, b_weights, atol=1e-6)
     _assert_close(state, b_state, atol=0)
+
+
+def test_adapt_refuses_a_model_it_cannot_batch():
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    x, y = tf.zeros((2, 3, 4)), tf.zeros((2, 3, 2))
+    with pytest.raises(ValueError, match=(
+            r"Expected a model whose tasks can be adapted in one batched computation. "
+            r"Received model '\w+', but layer 'dropout\w*' \(Dropout\) is not one")):
+        batched_tasks.adapt(net, [tf.stack([v.value] * 2) for v in net.trainable_variables],
+                            [], x, y, loss_fn=MSE, optimizer=_rule(net), steps=1,
+                            batch_size=3)
