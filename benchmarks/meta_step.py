@@ -142,19 +142,20 @@ CONFIGS = {
     "eval": dict(
         kind="eval", ways=5, shots=1, query_shots=1, meta_batch=5,
         inner_batch=5, inner_steps=50, inner_lr=1e-3, decay_steps=100_000,
-        repeats=3,
+        repeats=5,
         # evaluate steps of 5 tasks; the eager loops' and fused steps are
-        # single tasks.
-        steps={"reptile": 2, "reptile_no_xla": 2, "reptile_sequential": 2,
-               "reptile_jit": 1, "reptile_per_task": 2, "eager": 1, "eager_tf_function": 2,
+        # single tasks. Repeats of a few seconds: with 2 steps per repeat
+        # the per-task rows varied by up to 30% between runs.
+        steps={"reptile": 10, "reptile_no_xla": 10, "reptile_sequential": 10,
+               "reptile_jit": 2, "reptile_per_task": 10, "eager": 1, "eager_tf_function": 2,
                "inner_steps": 5, "fused": 5},
     ),
     "eval20": dict(
         kind="eval", ways=20, shots=1, query_shots=1, meta_batch=5,
         inner_batch=10, inner_steps=50, inner_lr=5e-4, decay_steps=200_000,
-        repeats=3,
-        steps={"reptile": 1, "reptile_no_xla": 1, "reptile_sequential": 1,
-               "reptile_jit": 1, "reptile_per_task": 1, "eager": 1, "eager_tf_function": 1,
+        repeats=5,
+        steps={"reptile": 4, "reptile_no_xla": 4, "reptile_sequential": 4,
+               "reptile_jit": 1, "reptile_per_task": 4, "eager": 1, "eager_tf_function": 1,
                "inner_steps": 2, "fused": 2},
     ),
 }
