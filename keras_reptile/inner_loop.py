@@ -420,6 +420,7 @@ def adapt(
             "Expected a Python int number of steps with `recompute=True` (the "
             f"recomputed loop is unrolled). Received: steps={steps!r}"
         )
+
     def task_loss(params, nt, xb, yb):
         y_pred, new_nt, losses = stateless_call(
             model, params, nt, xb, training=True, return_losses=True

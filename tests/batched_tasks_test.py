@@ -191,9 +191,9 @@ def _residual():
 
 
 @pytest.mark.parametrize("make_net, optimizer, reason", [
-    (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5),
+    (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5, name="drop"),
                                keras.layers.Dense(2)]),
-     None, "layer 'dropout' (Dropout) is not one of the layers batched"),
+     None, "layer 'drop' (Dropout) is not one of the layers batched"),
     (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(
         2, kernel_regularizer="l2")]), None, "has a kernel regularizer"),
     (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(
