@@ -756,29 +756,39 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         `adapt_and_predict()` and the exported signatures.
         """
         initial = self._task_start(theta, state, support_x, support_y)
-        optimizer_state, first_iteration = None, 0
-        if self._inner_state is not None:
-            optimizer_state, first_iteration = self._carried_inner_state()
         weights, state, optimizer_state = inner_loop.adapt(
             self.model,
             initial,
             state,
             support_x,
             support_y,
-            loss_fn=self._task_loss,
-            optimizer=self._inner_rule(),
-            steps=settings.steps,
-            batch_size=settings.batch_size,
-            optimizer_state=optimizer_state,
-            first_iteration=first_iteration,
             return_optimizer_state=True,
             recompute=settings.recompute,
+            **self._inner_loop_arguments(settings),
         )
         if not settings.transductive:
             state = self._support_statistics(weights, state, support_x)
         if self._inner_state is None:
             optimizer_state = None
         return algorithms.Adaptation(initial, weights, state, optimizer_state)
+
+    def _inner_loop_arguments(self, settings):
+        """The inner loop's loss, rule, length, and where its optimizer starts.
+
+        A fresh optimizer, or the carried inner-optimizer state with its
+        iteration count.
+        """
+        optimizer_state, first_iteration = None, 0
+        if self._inner_state is not None:
+            optimizer_state, first_iteration = self._carried_inner_state()
+        return dict(
+            loss_fn=self._task_loss,
+            optimizer=self._inner_rule(),
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            optimizer_state=optimizer_state,
+            first_iteration=first_iteration,
+        )
 
     def _task_start(self, theta, state, support_x, support_y):
         """The weights a task's inner loop starts from: θ, or θ with the head set."""
@@ -827,22 +837,18 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         def tiled(value):
             return tf.tile(value[None], [tasks] + [1] * value.shape.rank)
 
-        optimizer_state, first_iteration = None, 0
-        if self._inner_state is not None:
-            optimizer_state, first_iteration = self._carried_inner_state()
-            optimizer_state = tf.nest.map_structure(tiled, optimizer_state)
+        arguments = self._inner_loop_arguments(settings)
+        if arguments["optimizer_state"] is not None:
+            arguments["optimizer_state"] = tf.nest.map_structure(
+                tiled, arguments["optimizer_state"]
+            )
         weights, new_state, _ = batched_tasks_lib.adapt(
             self.model,
             [tf.stack(values) for values in zip(*initial)],
             [tiled(value) for value in state],
             support_x,
             support_y,
-            loss_fn=self._task_loss,
-            optimizer=self._inner_rule(),
-            steps=settings.steps,
-            batch_size=settings.batch_size,
-            optimizer_state=optimizer_state,
-            first_iteration=first_iteration,
+            **arguments,
         )
         results = []
         for b in range(tasks):
