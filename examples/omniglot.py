@@ -20,6 +20,12 @@ training).
     python examples/omniglot.py --preset 5way1shot --meta-steps 2000
     python examples/omniglot.py --preset 20way1shot --meta-steps 200000   # paper length
 
+The paper's own setting (all 50 alphabets, 1,200 training characters, the
+presets' 100,000 or 200,000 meta-steps) through TensorFlow Datasets, which
+downloads Omniglot on first use:
+
+    python examples/omniglot.py --preset 5way1shot --train-on full --tfds
+
 Writes `results.json`, `history.csv` and `learning_curve.png` to
 `--output-dir/<preset>`, and a SavedModel that adapts per request to
 `saved_models/omniglot_<preset>/<version>`.
@@ -73,6 +79,10 @@ PROTOCOLS = {
     "20way5shot_within": (20, 5, True),
 }
 TRAIN_SHOTS = 10
+# The paper's Omniglot split (openai/supervised-reptile, after Vinyals et al.
+# 2016): 1,200 randomly chosen characters of all 50 alphabets for training,
+# the other 423 for testing.
+PAPER_TRAIN_CHARACTERS = 1200
 META_BATCH = 5
 EVAL_INNER_STEPS = 50
 # Ranges of the per-drawing distortions (rotation in degrees, shear, relative
@@ -94,10 +104,16 @@ def parse_args(argv=None):
                         help="Meta-steps; default: the preset's (100k or 200k).")
     parser.add_argument("--data-dir",
                         default=os.path.join(REPO, "..", "shared", "data", "omniglot"))
-    parser.add_argument("--train-on", choices=["small1", "all"], default="small1",
+    parser.add_argument("--tfds", action="store_true",
+                        help="Load Omniglot through TensorFlow Datasets (downloaded on "
+                        "first use) instead of the zip files in --data-dir.")
+    parser.add_argument("--train-on", choices=["small1", "all", "full"], default="small1",
                         help="small1: meta-train on small1's 5 alphabets, test on "
                         "the 3 alphabets only small2 has. all: meta-train on all "
-                        "8 distinct alphabets, test on held-out characters.")
+                        "8 distinct alphabets, test on held-out characters. full: "
+                        "the paper's setting, all 50 alphabets (background and "
+                        "evaluation sets), 1,200 characters for meta-training and "
+                        "validation, the other 423 for testing.")
     parser.add_argument("--eval-shots", default=None,
                         help="Comma-separated shots to test, default '1,5' for "
                         "5-way presets and the preset's shots for 20-way.")
@@ -189,13 +205,26 @@ def parse_args(argv=None):
 
 
 def load_splits(args, ways):
-    data = keras_reptile.datasets.omniglot(
-        args.data_dir, splits=("small1", "small2"), image_size=args.image_size)
+    data_dir = None if args.tfds else args.data_dir
+    if args.train_on == "full":
+        data = keras_reptile.datasets.omniglot(
+            data_dir, splits=("background", "evaluation"), image_size=args.image_size)
+        if data.num_classes <= PAPER_TRAIN_CHARACTERS:
+            raise SystemExit(
+                f"--train-on full needs more than {PAPER_TRAIN_CHARACTERS} characters "
+                f"(full Omniglot has 1,623); the background and evaluation sets "
+                f"loaded have {data.num_classes}.")
+        train, test = data.split_by_character(
+            data.num_classes - PAPER_TRAIN_CHARACTERS, seed=args.seed)
+        test_name = "held-out characters of all 50 alphabets (the paper's split)"
+    else:
+        data = keras_reptile.datasets.omniglot(
+            data_dir, splits=("small1", "small2"), image_size=args.image_size)
     if args.train_on == "small1":
         train = data.select_alphabets(SMALL1)
         test = data.select_alphabets(SMALL2_ONLY)
         test_name = "held-out alphabets " + ", ".join(SMALL2_ONLY)
-    else:
+    elif args.train_on == "all":
         train, test = data.split_by_character(
             max(ways, data.num_classes // 5), seed=args.seed
         )
@@ -432,7 +461,9 @@ def protocol_specs(config, args):
     if args.head == "prototype" and ways != 5:
         # The head fits any number of ways: also the field's 5-way protocols.
         specs = [(5, 1, False), (5, 5, False)] + specs
-    if ways == 20 or args.head == "prototype":
+    # The paper's split holds out characters, not alphabets: too few of an
+    # alphabet's characters are left for 20 ways within it.
+    if (ways == 20 or args.head == "prototype") and args.train_on != "full":
         specs.append((20, config["shots"], True))
     return specs
 
@@ -467,6 +498,10 @@ def check_args(args, config):
             if name not in PROTOCOLS:
                 raise SystemExit(f"Unknown protocol in --protocols: {name!r}; expected "
                                  f"some of {', '.join(PROTOCOLS)}.")
+            if PROTOCOLS[name][2] and args.train_on == "full":
+                raise SystemExit(
+                    f"--protocols {name} needs whole alphabets held out; --train-on "
+                    "full holds out characters of every alphabet (the paper's split).")
             if args.head == "none" and PROTOCOLS[name][0] > config["ways"]:
                 raise SystemExit(
                     f"--protocols {name} has {PROTOCOLS[name][0]} ways, more than "

@@ -8,6 +8,7 @@ import os
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,10 +44,64 @@ def test_protocols_by_default_by_name_and_by_shots():
     (["--anneal", "time"], "--anneal time needs --time-budget"),
     (["--augment-per", "class"], "--augment-per class needs --augment"),
     (["--baseline-only"], "--baseline-only needs --time-budget"),
+    (["--train-on", "full", "--head", "prototype", "--protocols", "20way1shot_within"],
+     "needs whole alphabets held out"),
 ])
 def test_settings_that_could_only_fail_after_training_are_refused_first(argv, message):
     with pytest.raises(SystemExit, match=message):
         _specs("--preset", "5way1shot", *argv)
+
+
+def test_the_papers_setting_protocols_have_no_within_alphabet_tasks():
+    # Held-out characters leave too few per alphabet for 20 ways within one.
+    assert _specs("--preset", "20way1shot", "--train-on", "full") == [(20, 1, False)]
+    assert _specs("--preset", "20way1shot", "--train-on", "full", "--head", "prototype") == [
+        (5, 1, False), (5, 5, False), (20, 1, False)]
+
+
+def _fake_omniglot(calls, characters_per_alphabet):
+    """Stands in for `keras_reptile.datasets.omniglot`: one alphabet per split."""
+
+    def load(data_dir, *, splits, image_size):
+        calls.append(dict(data_dir=data_dir, splits=splits, image_size=image_size))
+        alphabets = [f"{split}_alphabet" for split in splits
+                     for _ in range(characters_per_alphabet)]
+        characters = [f"character{i:02d}" for _ in splits
+                      for i in range(1, characters_per_alphabet + 1)]
+        images = np.zeros((len(alphabets), 2, image_size, image_size, 1), np.float32)
+        return keras_reptile_datasets.Omniglot(images, alphabets, characters)
+
+    return load
+
+
+keras_reptile_datasets = omniglot.keras_reptile.datasets
+
+
+@pytest.mark.parametrize("tfds", [False, True])
+def test_the_papers_setting_holds_out_characters_past_the_first_1200(monkeypatch, tfds):
+    # 2 splits x 11 characters = 22 characters; with 15 for training (1,200 in
+    # the paper) the other 7 are the test set, and max(5 ways, 15 // 8) = 5 of
+    # the 15 validate (150 of 1,200 in the paper's setting).
+    calls = []
+    monkeypatch.setattr(omniglot, "PAPER_TRAIN_CHARACTERS", 15)
+    monkeypatch.setattr(keras_reptile_datasets, "omniglot", _fake_omniglot(calls, 11))
+    argv = ["--preset", "5way1shot", "--train-on", "full", "--data-dir", "/zips",
+            "--image-size", "4"] + (["--tfds"] if tfds else [])
+    train, val, test, test_name = omniglot.load_splits(omniglot.parse_args(argv), 5)
+    assert calls == [dict(data_dir=None if tfds else "/zips",
+                          splits=("background", "evaluation"), image_size=4)]
+    assert (train.num_classes, val.num_classes, test.num_classes) == (10, 5, 7)
+    keys = [set(zip(d.alphabets, d.characters)) for d in (train, val, test)]
+    assert not keys[0] & keys[1] and not keys[0] & keys[2] and not keys[1] & keys[2]
+    assert len(keys[0] | keys[1] | keys[2]) == 22
+    assert "the paper's split" in test_name
+
+
+def test_the_papers_setting_refuses_a_data_set_without_enough_characters(monkeypatch):
+    monkeypatch.setattr(keras_reptile_datasets, "omniglot", _fake_omniglot([], 600))
+    args = omniglot.parse_args(["--train-on", "full", "--image-size", "4"])
+    with pytest.raises(SystemExit, match="more than 1200 characters.*have 1200"):
+        omniglot.load_splits(args, 5)
 
 
 class _Clock:
