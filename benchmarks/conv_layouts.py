@@ -6,8 +6,9 @@ tasks' feature maps side by side on the channel axis, one group per task.
 Its profile (`eval_profile.py`) puts most of the time in those kernels, and
 the small late layers (4x4 and 2x2 outputs) run far below the matmul rate.
 This benchmark times the alternatives on each layer of conv4 alone, forward
-and backward (gradients of the input and the kernels), 50 times in a
-`tf.while_loop` as in evaluation's inner loop:
+and backward (gradients of the kernels, and of the input except for the
+first layer, whose input is the images), 50 calls one after another in a
+`tf.while_loop`, as in evaluation's inner loop:
 
 * `grouped`: `tf.nn.conv2d` on `[N, H, W, T*C]` with kernels `[3, 3, C, T*F]`
   (what the library does);
@@ -26,7 +27,9 @@ writes the numbers to `benchmarks/results/conv_layouts-<time>.json`.
 import argparse
 import json
 import os
+import platform
 import statistics
+import subprocess
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -40,6 +43,11 @@ FILTERS = 64
 # on 28x28x1 images.
 LAYERS = [(28, 1), (14, 64), (7, 64), (4, 64)]
 CALLS = 50
+
+
+def commit():
+    return subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
 
 
 def grouped(x, kernel):
@@ -70,19 +78,22 @@ def slices(x, kernel):
     return tf.reshape(y, [tasks, n, out, out, -1])
 
 
-def time_per_call(fn, x, kernel, repeats):
+def time_per_call(fn, x, kernel, repeats, input_gradient):
     @tf.function
     def loop(x, kernel):
-        def body(i, total):
+        def body(i, kernel):
             with tf.GradientTape() as tape:
                 tape.watch([x, kernel])
-                # `total * 0` ties each call to the previous one, so the
-                # calls run one after another, as inner steps do.
-                y = fn(x + total * 0, kernel)
+                y = fn(x, kernel)
                 loss = tf.reduce_sum(y * y)
-            gx, gk = tape.gradient(loss, [x, kernel])
-            return i + 1, total + 1e-30 * (tf.reduce_sum(gx) + tf.reduce_sum(gk))
-        return tf.while_loop(lambda i, _: i < CALLS, body, [0, tf.constant(0.0)])[1]
+            sources = [kernel, x] if input_gradient else [kernel]
+            grads = tape.gradient(loss, sources)
+            # Each call starts from the previous call's kernel, as inner
+            # steps do, so the calls run one after another.
+            step = grads[0] if not input_gradient else grads[0] + tf.reduce_mean(grads[1])
+            return i + 1, kernel - 1e-30 * step
+        return tf.while_loop(lambda i, _: i < CALLS, body, [0, kernel],
+                             parallel_iterations=1)[1]
 
     loop(x, kernel).numpy()  # trace and warm up
     times = []
@@ -121,10 +132,15 @@ def main(argv=None):
         scale = float(np.abs(reference).max())
         if diff > 1e-5 * scale:
             raise AssertionError(f"formulations disagree on layer {side}x{side}x{channels}: {diff}")
+        # The inner loop needs no gradient for the images themselves.
+        input_gradient = side != LAYERS[0][0]
         ms = dict(
-            grouped=time_per_call(grouped, tf.constant(x_grouped), tf.constant(k_grouped), args.repeats),
-            patches=time_per_call(patches, tf.constant(x), tf.constant(kernel), args.repeats),
-            slices=time_per_call(slices, tf.constant(x), tf.constant(kernel), args.repeats),
+            grouped=time_per_call(grouped, tf.constant(x_grouped), tf.constant(k_grouped),
+                                  args.repeats, input_gradient),
+            patches=time_per_call(patches, tf.constant(x), tf.constant(kernel),
+                                  args.repeats, input_gradient),
+            slices=time_per_call(slices, tf.constant(x), tf.constant(kernel),
+                                 args.repeats, input_gradient),
         )
         rows.append(dict(side=side, channels=channels, max_abs_diff=diff, ms_per_call=ms))
         print(f"{f'{side}x{side}x{channels}':<14}{ms['grouped']:>10.3f}{ms['patches']:>10.3f}"
@@ -134,7 +150,10 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, f"conv_layouts-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
-        json.dump(dict(args=vars(args), calls=CALLS, layers=rows, totals_ms=totals), f, indent=2)
+        json.dump(dict(args=vars(args), commit=commit(), machine=platform.platform(),
+                       cpus=os.cpu_count(), tensorflow=tf.__version__,
+                       load_average=os.getloadavg(), calls=CALLS, layers=rows,
+                       totals_ms=totals), f, indent=2)
     print(f"Wrote {path}")
 
 

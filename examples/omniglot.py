@@ -24,7 +24,7 @@ The paper's own setting (all 50 alphabets, 1,200 training characters, the
 presets' 100,000 or 200,000 meta-steps) through TensorFlow Datasets, which
 downloads Omniglot on first use:
 
-    python examples/omniglot.py --preset 5way1shot --train-on full --tfds
+    python examples/omniglot.py --preset 5way1shot --train-on full --tfds --carry-inner-state
 
 Writes `results.json`, `history.csv` and `learning_curve.png` to
 `--output-dir/<preset>`, and a SavedModel that adapts per request to
@@ -83,6 +83,7 @@ TRAIN_SHOTS = 10
 # 2016): 1,200 randomly chosen characters of all 50 alphabets for training,
 # the other 423 for testing.
 PAPER_TRAIN_CHARACTERS = 1200
+MAX_TEST_WAYS = max(ways for ways, _, _ in PROTOCOLS.values())
 META_BATCH = 5
 EVAL_INNER_STEPS = 50
 # Ranges of the per-drawing distortions (rotation in degrees, shear, relative
@@ -113,7 +114,7 @@ def parse_args(argv=None):
                         "8 distinct alphabets, test on held-out characters. full: "
                         "the paper's setting, all 50 alphabets (background and "
                         "evaluation sets), 1,200 characters for meta-training and "
-                        "validation, the other 423 for testing.")
+                        "validation (1,050 + 150), the other 423 for testing.")
     parser.add_argument("--eval-shots", default=None,
                         help="Comma-separated shots to test, default '1,5' for "
                         "5-way presets and the preset's shots for 20-way.")
@@ -209,22 +210,24 @@ def load_splits(args, ways):
     if args.train_on == "full":
         data = keras_reptile.datasets.omniglot(
             data_dir, splits=("background", "evaluation"), image_size=args.image_size)
-        if data.num_classes <= PAPER_TRAIN_CHARACTERS:
+        if data.num_classes < PAPER_TRAIN_CHARACTERS + MAX_TEST_WAYS:
             raise SystemExit(
-                f"--train-on full needs more than {PAPER_TRAIN_CHARACTERS} characters "
-                f"(full Omniglot has 1,623); the background and evaluation sets "
+                f"--train-on full needs at least {PAPER_TRAIN_CHARACTERS + MAX_TEST_WAYS} "
+                f"characters ({PAPER_TRAIN_CHARACTERS} to train, {MAX_TEST_WAYS} ways to "
+                "test; full Omniglot has 1,623); the background and evaluation sets "
                 f"loaded have {data.num_classes}.")
         train, test = data.split_by_character(
             data.num_classes - PAPER_TRAIN_CHARACTERS, seed=args.seed)
         test_name = "held-out characters of all 50 alphabets (the paper's split)"
-    else:
+    elif args.train_on == "small1":
         data = keras_reptile.datasets.omniglot(
             data_dir, splits=("small1", "small2"), image_size=args.image_size)
-    if args.train_on == "small1":
         train = data.select_alphabets(SMALL1)
         test = data.select_alphabets(SMALL2_ONLY)
         test_name = "held-out alphabets " + ", ".join(SMALL2_ONLY)
-    elif args.train_on == "all":
+    else:
+        data = keras_reptile.datasets.omniglot(
+            data_dir, splits=("small1", "small2"), image_size=args.image_size)
         train, test = data.split_by_character(
             max(ways, data.num_classes // 5), seed=args.seed
         )
@@ -519,6 +522,7 @@ def main(argv=None):
     config["train_shots"] = args.train_shots
     name = args.name or "_".join(
         [args.preset]
+        + ([f"train_on_{args.train_on}"] if args.train_on != "small1" else [])
         + ([args.algorithm] if args.algorithm != "reptile" else [])
         + (["prototype"] if args.head == "prototype" else [])
         + ([f"augment_{args.augment}"] if args.augment != "none" else [])

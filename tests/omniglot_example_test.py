@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.join(REPO, "examples"))
 import compare_algorithms  # noqa: E402
 import omniglot  # noqa: E402
 
+keras_reptile_datasets = omniglot.keras_reptile.datasets
+
 
 def _specs(*argv):
     args = omniglot.parse_args(list(argv))
@@ -74,16 +76,14 @@ def _fake_omniglot(calls, characters_per_alphabet):
     return load
 
 
-keras_reptile_datasets = omniglot.keras_reptile.datasets
-
-
 @pytest.mark.parametrize("tfds", [False, True])
-def test_the_papers_setting_holds_out_characters_past_the_first_1200(monkeypatch, tfds):
+def test_the_papers_setting_holds_out_all_but_1200_characters(monkeypatch, tfds):
     # 2 splits x 11 characters = 22 characters; with 15 for training (1,200 in
     # the paper) the other 7 are the test set, and max(5 ways, 15 // 8) = 5 of
     # the 15 validate (150 of 1,200 in the paper's setting).
     calls = []
     monkeypatch.setattr(omniglot, "PAPER_TRAIN_CHARACTERS", 15)
+    monkeypatch.setattr(omniglot, "MAX_TEST_WAYS", 5)
     monkeypatch.setattr(keras_reptile_datasets, "omniglot", _fake_omniglot(calls, 11))
     argv = ["--preset", "5way1shot", "--train-on", "full", "--data-dir", "/zips",
             "--image-size", "4"] + (["--tfds"] if tfds else [])
@@ -98,9 +98,11 @@ def test_the_papers_setting_holds_out_characters_past_the_first_1200(monkeypatch
 
 
 def test_the_papers_setting_refuses_a_data_set_without_enough_characters(monkeypatch):
-    monkeypatch.setattr(keras_reptile_datasets, "omniglot", _fake_omniglot([], 600))
+    # 2 x 609 = 1,218 characters: 1,200 to train would leave 18, fewer than
+    # the 20 ways of a 20-way test task.
+    monkeypatch.setattr(keras_reptile_datasets, "omniglot", _fake_omniglot([], 609))
     args = omniglot.parse_args(["--train-on", "full", "--image-size", "4"])
-    with pytest.raises(SystemExit, match="more than 1200 characters.*have 1200"):
+    with pytest.raises(SystemExit, match="at least 1220 characters.*have 1218"):
         omniglot.load_splits(args, 5)
 
 
