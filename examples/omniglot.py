@@ -464,9 +464,9 @@ def protocol_specs(config, args):
     if args.head == "prototype" and ways != 5:
         # The head fits any number of ways: also the field's 5-way protocols.
         specs = [(5, 1, False), (5, 5, False)] + specs
-    # The paper's split holds out characters, not alphabets: too few of an
-    # alphabet's characters are left for 20 ways within it.
-    if (ways == 20 or args.head == "prototype") and args.train_on != "full":
+    # Only small1 holds out whole alphabets; the other splits hold out
+    # characters, too few of an alphabet's for 20 ways within it.
+    if (ways == 20 or args.head == "prototype") and args.train_on == "small1":
         specs.append((20, config["shots"], True))
     return specs
 
@@ -501,10 +501,10 @@ def check_args(args, config):
             if name not in PROTOCOLS:
                 raise SystemExit(f"Unknown protocol in --protocols: {name!r}; expected "
                                  f"some of {', '.join(PROTOCOLS)}.")
-            if PROTOCOLS[name][2] and args.train_on == "full":
+            if PROTOCOLS[name][2] and args.train_on != "small1":
                 raise SystemExit(
                     f"--protocols {name} needs whole alphabets held out; --train-on "
-                    "full holds out characters of every alphabet (the paper's split).")
+                    f"{args.train_on} holds out characters of every alphabet.")
             if args.head == "none" and PROTOCOLS[name][0] > config["ways"]:
                 raise SystemExit(
                     f"--protocols {name} has {PROTOCOLS[name][0]} ways, more than "

@@ -47,17 +47,20 @@ def test_protocols_by_default_by_name_and_by_shots():
     (["--augment-per", "class"], "--augment-per class needs --augment"),
     (["--baseline-only"], "--baseline-only needs --time-budget"),
     (["--train-on", "full", "--head", "prototype", "--protocols", "20way1shot_within"],
-     "needs whole alphabets held out"),
+     "needs whole alphabets held out; --train-on full"),
+    (["--train-on", "all", "--head", "prototype", "--protocols", "20way1shot_within"],
+     "needs whole alphabets held out; --train-on all"),
 ])
 def test_settings_that_could_only_fail_after_training_are_refused_first(argv, message):
     with pytest.raises(SystemExit, match=message):
         _specs("--preset", "5way1shot", *argv)
 
 
-def test_the_papers_setting_protocols_have_no_within_alphabet_tasks():
+@pytest.mark.parametrize("train_on", ["full", "all"])
+def test_splits_by_character_have_no_within_alphabet_tasks(train_on):
     # Held-out characters leave too few per alphabet for 20 ways within one.
-    assert _specs("--preset", "20way1shot", "--train-on", "full") == [(20, 1, False)]
-    assert _specs("--preset", "20way1shot", "--train-on", "full", "--head", "prototype") == [
+    assert _specs("--preset", "20way1shot", "--train-on", train_on) == [(20, 1, False)]
+    assert _specs("--preset", "20way1shot", "--train-on", train_on, "--head", "prototype") == [
         (5, 1, False), (5, 5, False), (20, 1, False)]
 
 
