@@ -206,10 +206,10 @@ def parse_args(argv=None):
 
 
 def load_splits(args, ways):
-    data_dir = None if args.tfds else args.data_dir
+    splits = ("background", "evaluation") if args.train_on == "full" else ("small1", "small2")
+    data = keras_reptile.datasets.omniglot(
+        None if args.tfds else args.data_dir, splits=splits, image_size=args.image_size)
     if args.train_on == "full":
-        data = keras_reptile.datasets.omniglot(
-            data_dir, splits=("background", "evaluation"), image_size=args.image_size)
         if data.num_classes < PAPER_TRAIN_CHARACTERS + MAX_TEST_WAYS:
             raise SystemExit(
                 f"--train-on full needs at least {PAPER_TRAIN_CHARACTERS + MAX_TEST_WAYS} "
@@ -220,14 +220,10 @@ def load_splits(args, ways):
             data.num_classes - PAPER_TRAIN_CHARACTERS, seed=args.seed)
         test_name = "held-out characters of all 50 alphabets (the paper's split)"
     elif args.train_on == "small1":
-        data = keras_reptile.datasets.omniglot(
-            data_dir, splits=("small1", "small2"), image_size=args.image_size)
         train = data.select_alphabets(SMALL1)
         test = data.select_alphabets(SMALL2_ONLY)
         test_name = "held-out alphabets " + ", ".join(SMALL2_ONLY)
     else:
-        data = keras_reptile.datasets.omniglot(
-            data_dir, splits=("small1", "small2"), image_size=args.image_size)
         train, test = data.split_by_character(
             max(ways, data.num_classes // 5), seed=args.seed
         )

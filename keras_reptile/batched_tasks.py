@@ -363,8 +363,8 @@ def _layout_changes(plan, tasks):
         return tf.reshape(tf.transpose(k, [1, 2, 3, 0, 4]), [kh, kw, c, tasks * f])
 
     def to_stacked(k):
-        kh, kw, c, tf_ = k.shape
-        k = tf.reshape(k, [kh, kw, c, tasks, tf_ // tasks])
+        kh, kw, c, all_filters = k.shape
+        k = tf.reshape(k, [kh, kw, c, tasks, all_filters // tasks])
         return tf.transpose(k, [3, 0, 1, 2, 4])
 
     def change(convert):
