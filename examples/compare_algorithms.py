@@ -109,7 +109,7 @@ def table(results):
         row = [name, f"{result['meta_steps']:,} ({result['meta_steps_per_second']}/s)"]
         for protocol, _ in PROTOCOLS:
             for mode in ("non-transductive", "transductive"):
-                row.append(cell(result["reptile"], f"{protocol}, {mode}"))
+                row.append(cell(result[result.get("learner", "reptile")], f"{protocol}, {mode}"))
         lines.append("| " + " | ".join(row) + " |")
         if "baseline" in result:
             baseline = result["baseline"]

@@ -614,8 +614,12 @@ def main(argv=None):
         else round(timer.first_step_seconds, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
                    f"Keras {keras.__version__}",
-        "reptile": {},
     }
+    # Results are filed under the learner that produced them (e.g. "reptile",
+    # "fomaml_prototype"); "learner" names the key for readers.
+    learner = args.algorithm + ("" if args.head == "none" else f"_{args.head}")
+    results["learner"] = learner
+    results[learner] = {}
     # The CSV log covers the whole run, also when it was resumed.
     with open(history_path) as f:
         rows = list(csv.DictReader(f))
@@ -630,7 +634,7 @@ def main(argv=None):
             accuracy = few_shot_accuracy(model, episodes, args.eval_tasks,
                                          transductive=transductive)
             key = f"{protocol}, {'transductive' if transductive else 'non-transductive'}"
-            results["reptile"][key] = {
+            results[learner][key] = {
                 "accuracy": round(accuracy.mean, 4), "ci95": round(accuracy.ci95, 4),
                 "tasks": accuracy.num_tasks, "seconds": round(time.perf_counter() - started, 1),
             }

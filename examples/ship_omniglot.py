@@ -103,7 +103,7 @@ def model_card(card, model):
         augment = ", ".join(f"{k} {v}" for k, v in augment.items())
     rows = "\n".join(
         f"| {name} | {v['accuracy']:.1%} ± {v['ci95']:.1%} | {v['tasks']} |"
-        for name, v in r["reptile"].items()
+        for name, v in r[r.get("learner", "reptile")].items()
     )
     config = ", ".join(f"{k}={v}" for k, v in r["config"].items())
     c = card["check"]
