@@ -52,6 +52,7 @@ def _proto_model(algorithm="reptile", **kwargs):
 
 def test_head_weights_are_twice_the_prototypes_and_minus_their_squared_norms():
     model = _proto_model()
+    before = [w.copy() for w in model.model.get_weights()]
     adapted = model.adapt(SUPPORT_X, SUPPORT_Y)
     kernel, bias = adapted.get_layer("head").get_weights()
     np.testing.assert_allclose(kernel, EXPECTED_W, rtol=1e-6)
@@ -59,8 +60,11 @@ def test_head_weights_are_twice_the_prototypes_and_minus_their_squared_norms():
     # Logits for the query (2.1, 0): 4 * 2.1 - 4 = 4.4, then -4 and -1e4.
     outputs = model.adapt_and_predict(SUPPORT_X, SUPPORT_Y, np.array([[2.1, 0.0]]))
     np.testing.assert_allclose(outputs, [[4.4, -4.0, -1e4]], rtol=1e-5)
-    # The meta-weights' own head is untouched.
-    assert not np.allclose(model.model.get_layer("head").get_weights()[0], EXPECTED_W)
+    # The meta-weights (the head included) are untouched by adaptation: equal
+    # to a snapshot taken before, and the adapted copy is another network.
+    for weight, snapshot in zip(model.model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(weight, snapshot)
+    assert adapted is not model.model
 
 
 def test_one_hot_labels_give_the_same_head():
