@@ -212,3 +212,25 @@ def test_image_size_and_filters_reach_the_network_and_the_comparison(tmp_path):
     # Another comparison's backup is never resumed: one directory per output.
     backup = argv[argv.index("--backup-dir") + 1]
     assert backup.endswith(os.path.join("res56", "fomaml_prototype", "backup"))
+
+
+def test_paper_table_sets_our_runs_beside_the_papers_and_never_fills_a_gap():
+    import paper_table
+
+    run = {
+        "train_on": "full", "learner": "reptile", "carry_inner_state": True,
+        "meta_steps": 64321, "command": "python examples/omniglot.py ...",
+        "reptile": {
+            "5-way 1-shot, non-transductive": {"accuracy": 0.95123, "ci95": 0.00612},
+            "5-way 1-shot, transductive": {"accuracy": 0.9701, "ci95": 0.0049},
+            # Only one mode of 5-shot: the row is not filled from half a run.
+            "5-way 5-shot, non-transductive": {"accuracy": 0.99, "ci95": 0.003},
+        },
+    }
+    rows = paper_table.table([run]).splitlines()
+    assert rows[2] == ("| 5-way 1-shot | 95.39 / 97.68 | 95.12 ± 0.61 | 97.01 ± 0.49 "
+                       "| 64,321 (100,000) | reptile, inner Adam state carried |")
+    assert rows[3] == "| 5-way 5-shot | 98.90 / 99.48 | not run | not run | – (100,000) | – |"
+    assert rows[5] == "| 20-way 5-shot | 96.65 / 97.12 | not run | not run | – (200,000) | – |"
+    with pytest.raises(ValueError, match="Expected results of runs on the paper's split"):
+        paper_table.table([dict(run, train_on="small1")])
