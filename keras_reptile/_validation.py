@@ -22,6 +22,24 @@ def check_positive_int(name, value):
     return int(value)
 
 
+def check_bool(name, value, allow_none=False):
+    """Returns `value` as a bool (or None, if allowed), else raises `TypeError`.
+
+    NumPy bools count (a flag read from an array is still a flag); strings,
+    numbers and None do not: `overwrite="no"` is truthy, and a flag that
+    guards a destructive action must not guess.
+    """
+    if allow_none and value is None:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        expected = "None or a bool" if allow_none else "a bool"
+        raise TypeError(
+            f"Expected `{name}` to be {expected}. Received: {name}={value!r} "
+            f"of type {type(value).__name__}"
+        )
+    return bool(value)
+
+
 # Offending rows listed in an error message; the count is given in full.
 _MAX_LISTED_ROWS = 10
 

@@ -5,6 +5,10 @@ import math
 
 import numpy as np
 
+from keras_reptile._losses import loss_kind
+from keras_reptile._validation import check_bool
+from keras_reptile._validation import check_positive_int
+
 
 @dataclasses.dataclass(frozen=True)
 class FewShotAccuracy:
@@ -90,16 +94,8 @@ def few_shot_accuracy(model, episodes, num_tasks=1000, *, transductive=None):
     >>> result.num_tasks
     8
     """
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(
-            "Expected `num_tasks` to be a positive integer. Received: "
-            f"num_tasks={num_tasks!r}"
-        )
-    if transductive is not None and not isinstance(transductive, bool):
-        raise TypeError(
-            "Expected `transductive` to be None or a bool. Received: "
-            f"transductive={transductive!r}"
-        )
+    num_tasks = check_positive_int("num_tasks", num_tasks)
+    transductive = check_bool("transductive", transductive, allow_none=True)
     spec = getattr(episodes, "element_spec", None)
     if not isinstance(spec, dict) or "query_y" not in spec:
         raise ValueError(
@@ -113,7 +109,13 @@ def few_shot_accuracy(model, episodes, num_tasks=1000, *, transductive=None):
             "Expected episodes with a static meta-batch size. Received "
             f"element spec {spec}"
         )
+    one_hot = _check_classifier(model, spec["query_y"])
     num_batches = -(-num_tasks // meta_batch)
+    # A dataset that says how long it is is checked before any work; one
+    # that cannot (a filter, a generator) is checked when it runs out.
+    cardinality = int(episodes.cardinality())
+    if cardinality >= 0 and cardinality < num_batches:
+        _raise_too_few_tasks(num_tasks, num_batches, meta_batch, cardinality)
     previous = model.transductive
     if transductive is not None:
         # The next step traces anew for a changed setting.
@@ -123,7 +125,51 @@ def few_shot_accuracy(model, episodes, num_tasks=1000, *, transductive=None):
         for batch in episodes.take(num_batches):
             outputs = model.predict_on_batch(batch)
             labels = batch["query_y"].numpy()
+            if one_hot:
+                labels = labels.argmax(-1)
             per_task.append((outputs.argmax(-1) == labels).mean(axis=1))
     finally:
         model.transductive = previous
+    if len(per_task) < num_batches:
+        _raise_too_few_tasks(num_tasks, num_batches, meta_batch, len(per_task))
     return confidence_interval(np.concatenate(per_task))
+
+
+def _check_classifier(model, query_y_spec):
+    """Raises unless the model scores classes; returns whether labels are one-hot.
+
+    Accuracy is the argmax of the outputs against the labels: meaningless
+    for a regression model, whose targets are not classes.
+    """
+    kind, _ = loss_kind(getattr(model, "loss", None))
+    if kind == "categorical":
+        return True
+    try:
+        units = model.model.output_shape[-1]
+    except (AttributeError, ValueError, TypeError):
+        units = None  # not built yet, or several outputs: left to the loss
+    if kind is None and (
+        not query_y_spec.dtype.is_integer
+        or query_y_spec.shape.rank != 2
+        or (units is not None and units < 2)
+    ):
+        raise ValueError(
+            "Expected a classifier for few-shot accuracy: a model with one "
+            "output per class and integer class labels `query_y` of shape "
+            "[meta_batch, Q] (or a model compiled with a cross-entropy loss). "
+            f"Received: a model with {units} output(s), compiled with "
+            f"loss={getattr(model, 'loss', None)!r}, and `query_y` of dtype "
+            f"{query_y_spec.dtype.name} and shape {query_y_spec.shape}. "
+            "Use `model.evaluate` for regression."
+        )
+    return False
+
+
+def _raise_too_few_tasks(num_tasks, num_batches, meta_batch, batches):
+    raise ValueError(
+        f"Expected `episodes` to hold at least num_tasks={num_tasks} tasks "
+        f"({num_batches} meta-batches of {meta_batch}). Received: a dataset "
+        f"of {batches * meta_batch} tasks ({batches} meta-batches). Ask for "
+        "fewer tasks, or use an endless episodic dataset (`keras_reptile."
+        "episodes` builders repeat forever)."
+    )

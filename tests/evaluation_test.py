@@ -85,3 +85,53 @@ def test_bad_arguments():
         evaluation.few_shot_accuracy(model, tasks, transductive="yes")
     with pytest.raises(ValueError, match="Expected an episodic"):
         evaluation.few_shot_accuracy(model, [1, 2, 3])
+
+
+def test_numpy_scalars_are_the_ints_and_bools_they_hold():
+    model, tasks = _model_and_tasks()
+    plain = evaluation.few_shot_accuracy(model, tasks, num_tasks=4, transductive=True)
+    numpy = evaluation.few_shot_accuracy(
+        model, tasks, num_tasks=np.int64(4), transductive=np.bool_(True))
+    np.testing.assert_array_equal(numpy.per_task, plain.per_task)
+
+
+def test_regression_models_are_refused_before_any_step():
+    # The sine model: one output, float targets. Argmax of one output is
+    # always 0, so "accuracy" would be a fake number.
+    network = keras.Sequential([keras.Input((1,)), keras.layers.Dense(8, activation="tanh"),
+                                keras.layers.Dense(1)])
+    model = keras_reptile.ReptileModel(network)
+    model.compile(optimizer="sgd", loss="mse")
+    tasks = keras_reptile.datasets.sine(meta_batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="Expected a classifier for few-shot accuracy"):
+        evaluation.few_shot_accuracy(model, tasks, num_tasks=2)
+
+
+def test_one_hot_labels_are_scored_as_the_classes_they_encode():
+    model, tasks = _model_and_tasks()
+    sparse = evaluation.few_shot_accuracy(model, tasks, num_tasks=4)
+    one_hot_model, _ = _model_and_tasks()
+    one_hot_model.compile(
+        optimizer="sgd",
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+
+    def to_one_hot(batch):
+        return dict(batch, support_y=keras.ops.one_hot(batch["support_y"], 3),
+                    query_y=keras.ops.one_hot(batch["query_y"], 3))
+
+    one_hot = evaluation.few_shot_accuracy(one_hot_model, tasks.map(to_one_hot), num_tasks=4)
+    # Same seed, same weights, same tasks: the same per-task accuracies.
+    np.testing.assert_allclose(one_hot.per_task, sparse.per_task)
+
+
+@pytest.mark.parametrize("take", [0, 1])
+def test_more_tasks_than_the_dataset_holds_is_an_error(take):
+    model, tasks = _model_and_tasks()  # 4 tasks per meta-batch
+    # Known length: refused before any step. 0 batches, or 1 batch of 4 < 100.
+    with pytest.raises(ValueError, match=rf"Expected `episodes` to hold at least num_tasks=100 tasks \(25 meta-batches "
+                                         rf"of 4\). Received: a dataset of {4 * take} tasks"):
+        evaluation.few_shot_accuracy(model, tasks.take(take), num_tasks=100)
+    # Unknown length (a filter): found out when the data runs out.
+    unknown = tasks.take(take).filter(lambda batch: True)
+    with pytest.raises(ValueError, match=rf"Received: a dataset of {4 * take} tasks"):
+        evaluation.few_shot_accuracy(model, unknown, num_tasks=100)
