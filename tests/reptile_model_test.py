@@ -1,7 +1,7 @@
 """`ReptileModel`: the meta-step, evaluation, adaptation, saving and errors."""
 
 import os
-import time
+import threading
 
 import keras
 import numpy as np
@@ -420,12 +420,24 @@ def test_no_retracing_across_steps_epochs_and_evaluate_calls():
 
 def test_parallel_tasks_overlaps_the_tasks_or_runs_them_in_order():
     # A layer that records which task calls it (the inputs of task b are all
-    # b) and sleeps, so tasks whose ops may run concurrently interleave.
-    calls = []
+    # b). With `parallel_tasks`, the first call of each task waits until a
+    # call of another task has started: it returns only if two tasks are in
+    # flight at once, which no timing of a busy machine can fake. Run in
+    # order, the first task would wait alone: the wait times out (and the
+    # overlap assertion fails) instead of hanging.
+    overlap = os.cpu_count() > 1 and tf.config.threading.get_inter_op_parallelism_threads() != 1
+    calls, state = [], {"wait": False, "timed_out": False}
+    started = threading.Condition()
 
     def record(x):
-        calls.append(int(x.flat[0]))
-        time.sleep(0.01)
+        task = int(x.flat[0])
+        with started:
+            first = task not in calls
+            calls.append(task)
+            started.notify_all()
+            if state["wait"] and first:
+                if not started.wait_for(lambda: len(set(calls)) > 1, timeout=60):
+                    state["timed_out"] = True
         return x
 
     class Probe(keras.layers.Layer):
@@ -448,13 +460,16 @@ def test_parallel_tasks_overlaps_the_tasks_or_runs_them_in_order():
         model.compile(optimizer="sgd", loss=SCCE, jit_compile=False)
         model.train_on_batch(batch)  # traces
         calls.clear()
+        state["wait"] = parallel_tasks and overlap
         model.train_on_batch(batch)
         order[parallel_tasks] = list(calls)
     # 3 inner steps and 1 query pass per task.
     assert order[False] == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
     assert sorted(order[True]) == order[False]
-    if tf.config.threading.get_inter_op_parallelism_threads() != 1 and os.cpu_count() > 1:
-        assert order[True] != order[False]
+    if overlap:
+        # The first task's first call returned only once another task's
+        # call had started: the tasks ran concurrently.
+        assert not state["timed_out"], order[True]
 
 
 def test_a_new_meta_batch_size_is_traced_anew():
