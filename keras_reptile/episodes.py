@@ -25,8 +25,9 @@ import tensorflow as tf
 
 from keras_reptile import augmentation
 from keras_reptile._validation import check_positive_int
+from keras_reptile.image_folders import from_directory
 
-__all__ = ["from_arrays", "from_dataset", "from_task_fn"]
+__all__ = ["from_arrays", "from_dataset", "from_directory", "from_task_fn"]
 
 EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
 

@@ -24,14 +24,17 @@ def test_public_api_is_listed_explicitly():
     for name in keras_reptile.__all__:
         assert getattr(keras_reptile, name) is not None
     public = {n for n in dir(keras_reptile) if not n.startswith("_")}
-    # Submodules Python binds on import: the model's own module, and
-    # `tuning`, which is imported explicitly (optional dependencies).
-    assert public - {"reptile_model", "tuning"} <= set(keras_reptile.__all__)
+    # Submodules Python binds on import: the model's own module,
+    # `image_folders` (behind `episodes.from_directory`), and `tuning`, which
+    # is imported explicitly (optional dependencies).
+    assert public - {"reptile_model", "image_folders", "tuning"} <= set(
+        keras_reptile.__all__
+    )
 
 
 def test_submodule_apis():
     assert sorted(keras_reptile.episodes.__all__) == [
-        "from_arrays", "from_dataset", "from_task_fn",
+        "from_arrays", "from_dataset", "from_directory", "from_task_fn",
     ]
     assert sorted(keras_reptile.algorithms.__all__) == [
         "Adaptation", "MAML", "MetaAlgorithm", "Reptile", "TaskResult", "get", "names",
