@@ -69,6 +69,7 @@ SCRIPT = textwrap.dedent(
             optimizer=keras.optimizers.SGD(0.5),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"], jit_compile=False)
+    initial = [w.numpy().tolist() for w in model.weights]
     history = model.fit(
         episodes(meta_batch_size, 0), steps_per_epoch=3, epochs=2,
         validation_data=episodes(meta_batch_size, 1), validation_steps=2,
@@ -86,6 +87,8 @@ SCRIPT = textwrap.dedent(
         assert weights == [w.numpy().tolist() for w in model.weights]
     print(json.dumps({
         "weights": weights,
+        "initial": initial,
+        "trainable": [bool(w.trainable) for w in model.weights],
         "history": history.history,
         "tasks_per_replica": sorted(tasks_per_replica),
         "uneven_error": uneven_error,
@@ -121,8 +124,16 @@ def _assert_same_training(single, distributed, num_weights, atol=1e-5):
         np.testing.assert_allclose(
             distributed["history"][key], single["history"][key], rtol=1e-5
         )
-    # The meta-weights moved, so equality is not trivial.
-    assert np.abs(np.array(single["weights"][0])).max() > 0
+    # Training moved every trainable meta-weight (both conv kernels, the
+    # BatchNormalization scales and offsets, the dense kernel and bias) far
+    # beyond the tolerance, so the equality above is not trivial: compared
+    # with the same seed's weights before training, not with zero.
+    trainable = [i for i, flag in enumerate(single["trainable"]) if flag]
+    assert len(trainable) == 8
+    for index in trainable:
+        moved = np.abs(np.array(single["weights"][index]) - np.array(single["initial"][index]))
+        assert moved.max() > 100 * atol, (index, moved.max())
+    assert single["initial"] == distributed["initial"]
 
 
 def _free_ports(count):
