@@ -27,6 +27,8 @@ MODEL_ATTRIBUTES = (
     "_jit_compile", "_compile_config",
 )
 OPTIMIZER_ATTRIBUTES = ("_learning_rate",)
+# Set on every layer instance (checked on a called layer by the test).
+LAYER_ATTRIBUTES = ("_inbound_nodes",)
 
 
 class BuildBeforeTrace:
@@ -152,3 +154,16 @@ def in_multi_worker_mode(strategy):
     return isinstance(
         strategy, tf.distribute.MultiWorkerMirroredStrategy
     ) and strategy.extended._in_multi_worker_mode()
+
+
+def call_inputs(layer, output):
+    """The input tensors of the call of `layer` that returned `output`, or None.
+
+    `layer.input` is that of the layer's first call only. A Sequential model
+    whose `build()` runs again calls its layers again, so its output is then
+    that of a later call, and the embedding feeding it is that call's input.
+    """
+    for node in layer._inbound_nodes:
+        if any(tensor is output for tensor in node.output_tensors):
+            return node.input_tensors
+    return None

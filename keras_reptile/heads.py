@@ -24,6 +24,7 @@ import weakref
 import keras
 import tensorflow as tf
 
+from keras_reptile import _compat
 from keras_reptile import inner_loop
 
 __all__ = ["PrototypeHead", "get"]
@@ -145,12 +146,12 @@ def _head_parts(model):
     layers = getattr(model, "layers", None)
     dense = layers[-1] if layers else None
     outputs = getattr(model, "outputs", None) if model.built else None
-    if (
-        not isinstance(dense, keras.layers.Dense)
-        or outputs is None
-        or len(outputs) != 1
-        or outputs[0] is not dense.output
-    ):
+    inputs = None
+    if isinstance(dense, keras.layers.Dense) and outputs and len(outputs) == 1:
+        # The call of the Dense layer that made the model's output: not
+        # necessarily its first (`dense.output`) when the model was rebuilt.
+        inputs = _compat.call_inputs(dense, outputs[0])
+    if inputs is None or len(inputs) != 1:
         raise ValueError(
             "Expected a built functional or Sequential model whose output is "
             "that of its last layer, a `keras.layers.Dense`, for "
@@ -158,11 +159,12 @@ def _head_parts(model):
             f"{model.name!r} with last layer "
             f"{type(dense).__name__ if dense is not None else None}."
         )
-    if len(dense.input.shape) != 2:
+    (embedding,) = inputs
+    if len(embedding.shape) != 2:
         raise ValueError(
             "Expected the final Dense layer to take one embedding vector per "
             'example for `head="prototype"`. Received: its input shape '
-            f"{dense.input.shape}"
+            f"{embedding.shape}"
         )
     activation = keras.activations.serialize(dense.activation)
     if isinstance(activation, dict):
@@ -174,7 +176,7 @@ def _head_parts(model):
             f"prototype logits). Received: activation={activation!r}, "
             f"use_bias={dense.use_bias}"
         )
-    embed = keras.Model(model.inputs, dense.input)
+    embed = keras.Model(model.inputs, embedding)
     _PARTS[model] = (dense, embed)
     return dense, embed
 

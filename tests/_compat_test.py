@@ -28,6 +28,13 @@ def test_private_optimizer_attribute_exists(name):
     assert hasattr(keras.optimizers.SGD(0.1), name)
 
 
+@pytest.mark.parametrize("name", _compat.LAYER_ATTRIBUTES)
+def test_private_layer_attribute_exists(name):
+    layer = keras.layers.Dense(1)
+    layer(keras.Input((2,)))
+    assert hasattr(layer, name), f"keras.layers.Layer instances have no {name}"
+
+
 def test_overridden_hook_keeps_its_signature():
     # `BuildBeforeTrace` overrides this hook; Keras must still call it with
     # these keywords.
@@ -42,6 +49,7 @@ def test_no_private_keras_name_outside_the_compat_module():
     package = pathlib.Path(_compat.__file__).parent
     names = {n for _, n in _compat.PRIVATE_NAMES}
     names |= set(_compat.MODEL_ATTRIBUTES) | set(_compat.OPTIMIZER_ATTRIBUTES)
+    names |= set(_compat.LAYER_ATTRIBUTES)
     names.discard("train_function")
     # Reading `model.train_function` is what Keras's own overridable
     # `make_train_function` does; replacing it goes through the compat module.

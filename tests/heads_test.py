@@ -173,3 +173,17 @@ def test_exported_signature_uses_the_head(algorithm, tmp_path):
     # 20 ways from one example each: the served graph classifies by prototype.
     accuracy = (outputs["outputs"].numpy().argmax(-1) == y[1::2]).mean()
     assert accuracy > 0.8
+
+
+def test_a_sequential_built_again_still_has_its_head():
+    # `build()` once more calls the layers again: the model's output is then
+    # that of the head's second call. The head is still found, and sets the
+    # same hand-derived weights as in the test above.
+    net = _embedding_net()
+    net.build((None, 2))
+    model = ReptileModel(net, inner_optimizer=keras.optimizers.SGD(0.0), inner_steps=1,
+                         inner_batch_size=3, eval_inner_steps=1, head="prototype")
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=SCCE)
+    kernel, bias = model.adapt(SUPPORT_X, SUPPORT_Y).get_layer("head").get_weights()
+    np.testing.assert_allclose(kernel, EXPECTED_W, rtol=1e-6)
+    np.testing.assert_allclose(bias, EXPECTED_B, rtol=1e-6)
