@@ -29,7 +29,19 @@ def _model_dir(name, directory):
         raise ValueError(
             f"Expected `name` to be one of {list(NAMES)}. Received: name={name!r}"
         )
-    path = os.path.join(directory or _DEFAULT_DIRECTORY, name)
+    if directory is not None and not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(
+            "Expected `directory` to be None or a path (a string or "
+            "`os.PathLike`) to a `saved_models` directory. Received: "
+            f"directory={directory!r} of type {type(directory).__name__}"
+        )
+    if isinstance(directory, (str, os.PathLike)) and not os.fspath(directory):
+        raise ValueError(
+            "Expected `directory` to be None or a non-empty path to a "
+            "`saved_models` directory. Received: directory=''"
+        )
+    path = os.path.join(os.fspath(directory) if directory is not None
+                        else _DEFAULT_DIRECTORY, name)
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"No shipped model {name!r} in {path}: expected a directory with "

@@ -104,6 +104,22 @@ def test_bad_names_or_a_missing_directory_are_clear_errors(tmp_path):
         keras_reptile.pretrained.saved_model_path("omniglot", directory=str(tmp_path))
 
 
+@pytest.mark.parametrize("entry", ["load", "saved_model_path"])
+def test_a_directory_that_is_not_a_path_is_named(entry, tmp_path):
+    function = getattr(keras_reptile.pretrained, entry)
+    # 123 used to reach os.path.join's TypeError, which names no argument;
+    # "" silently meant the current directory.
+    with pytest.raises(TypeError, match=r"Expected `directory` to be None or a path .* "
+                                        r"Received: directory=123 of type int"):
+        function("omniglot", directory=123)
+    with pytest.raises(ValueError, match=r"Expected `directory` to be None or a non-empty "
+                                         r"path .* Received: directory=''"):
+        function("omniglot", directory="")
+    # A pathlib.Path is a path.
+    with pytest.raises(FileNotFoundError, match="No shipped model 'omniglot'"):
+        function("omniglot", directory=tmp_path)
+
+
 def test_a_damaged_model_file_is_named_not_reported_missing(tmp_path):
     # Keras says "File not found" of a `.keras` file that is there but is no
     # zip archive; the shipped model's loader names the file and the fault.
