@@ -318,25 +318,22 @@ def test_grpc_client_without_serving_api():
 
 
 # ----------------------------------------------------------------------
-# The README's serving snippets, as written
+# The serving guide's snippets (docs/serving.md), as written
 
 
-def _readme_section(title):
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None]
+def _serving_guide():
+    with open(os.path.join(ROOT, "docs", "serving.md"), encoding="utf-8") as f:
+        return f.read()
 
 
-def test_readme_rest_bodies_run_against_an_exported_sine_model(tmp_path):
-    section = _readme_section("Serving")
+def test_serving_guide_rest_bodies_run_against_an_exported_sine_model(tmp_path):
+    section = _serving_guide()
     bodies = [json.loads(b) for b in re.findall(r"curl -d '(.*?)'", section, re.S)]
     urls = re.findall(r"localhost:8501(/v1/models/[^:\s]+:predict)", section)
     assert len(bodies) == len(urls) == 2, (bodies, urls)
     # A model like `examples/sine_regression.py` exports (1 input, 1 output,
-    # 32 evaluation steps, so the README's `steps: 32` is within the default
-    # bound of 10 x 32), served under the README's URL.
+    # 32 evaluation steps, so the guide's `steps: 32` is within the default
+    # bound of 10 x 32), served under the guide's URL.
     keras.utils.set_random_seed(3)
     net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(8, activation="tanh"),
                             keras.layers.Dense(1)])
@@ -359,11 +356,11 @@ def test_readme_rest_bodies_run_against_an_exported_sine_model(tmp_path):
         np.testing.assert_allclose(outputs["outputs"].numpy(), expected, **TOL)
 
 
-def test_readme_python_signature_call_runs_as_written(exported):
-    section = _readme_section("Serving")
+def test_serving_guide_python_signature_call_runs_as_written(exported):
+    section = _serving_guide()
     call = re.search(r"`(tf\.saved_model\.load\(path\)\.signatures\[.*?\))`", section, re.S)
-    assert call, "the README's Python call is gone"
-    # The README elides the arguments' values with `...`: fill them in.
+    assert call, "the serving guide's Python call is gone"
+    # The guide elides the arguments' values with `...`: fill them in.
     source = " ".join(call.group(1).split())
     assert source == ('tf.saved_model.load(path).signatures["adapt_and_predict"]'
                       '(support_x=..., support_y=..., query_x=...)'), source
