@@ -13,6 +13,7 @@ the same files, labels and seed, both give the same episodes.
 """
 
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -563,9 +564,10 @@ def _file_problem(path):
 def _raise_bad_files(problems, total):
     listed = "; ".join(f"{path} {why}" for path, why in problems[:_MAX_LISTED])
     more = "; ..." if len(problems) > _MAX_LISTED else ""
+    verb = "is" if len(problems) == 1 else "are"
     raise ValueError(
         "Expected every image file to be a readable PNG, JPEG, GIF or BMP "
-        f"image. Received: {len(problems)} of {total} files are not: "
+        f"image. Received: {len(problems)} of the {total} files {verb} not: "
         f"{listed}{more}. Remove or replace them."
     )
 
@@ -611,8 +613,10 @@ def _decoding_error(path, channels):
     try:
         image = _decode(tf.io.read_file(path), channels)
     except (tf.errors.OpError, ValueError) as e:
-        reason = (getattr(e, "message", None) or str(e)).strip().splitlines()
-        return f"cannot be decoded ({reason[-1] if reason else type(e).__name__})"
+        reason = getattr(e, "message", None) or str(e)
+        # TensorFlow's wrapping: "{{function_node ...}} <reason> [Op:DecodeImage]".
+        reason = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:.*$", "", reason, flags=re.S)
+        return f"cannot be decoded ({reason.strip() or type(e).__name__})"
     return f"cannot be decoded (an image of shape {tuple(image.shape)})"
 
 

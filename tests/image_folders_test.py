@@ -228,65 +228,52 @@ def test_groups_parent_gives_within_group_tasks(tmp_path):
 # Formats, channels, resizing.
 
 
+# Per file: (class folder / name, pixels, PIL format, expected value per
+# color mode). RGB becomes gray with the ITU-R 601 weights; gray is repeated
+# into RGB; a missing alpha channel is opaque (255). JPEG is lossy.
+_GRAY = np.full((SIZE, SIZE), 100, np.uint8)
+_RGB = np.zeros((SIZE, SIZE, 3), np.uint8) + np.array([200, 100, 50], np.uint8)
+_RGBA = np.concatenate([_RGB, np.full((SIZE, SIZE, 1), 128, np.uint8)], -1)
+_LUMA = 0.2989 * 200 + 0.587 * 100 + 0.114 * 50
+_AS_GRAY = {"grayscale": [100], "rgb": [100] * 3, "rgba": [100] * 3 + [255]}
+_AS_RGB = {"grayscale": [_LUMA], "rgb": [200, 100, 50], "rgba": [200, 100, 50, 255]}
+FORMAT_FILES = [
+    ("a_png/c.png", _RGB, "PNG", _AS_RGB),
+    ("a_png/g.png", _GRAY, "PNG", _AS_GRAY),
+    ("a_png/t.png", _RGBA, "PNG",
+     {"grayscale": [_LUMA], "rgb": [200, 100, 50], "rgba": [200, 100, 50, 128]}),
+    ("b_bmp/c.bmp", _RGB, "BMP", _AS_RGB),
+    ("b_bmp/g.bmp", _GRAY, "BMP", _AS_GRAY),  # Keras cannot read it as grayscale.
+    ("b_bmp/g2.bmp", _GRAY, "BMP", _AS_GRAY),
+    ("c_gif/g.gif", _GRAY, "GIF", _AS_GRAY),  # Nor GIFs as grayscale or RGBA.
+    ("c_gif/g2.gif", _GRAY, "GIF", _AS_GRAY),
+    ("c_gif/g3.GIF", _GRAY, "GIF", _AS_GRAY),
+    ("d_jpg/c.jpeg", _RGB, "JPEG", _AS_RGB),  # Nor JPEGs as RGBA.
+    ("d_jpg/g.jpg", _GRAY, "JPEG", _AS_GRAY),
+    ("d_jpg/g2.JPG", _GRAY, "JPEG", _AS_GRAY),
+]
+
+
 def test_formats_and_color_modes(tmp_path):
     root = tmp_path / "formats"
-    gray = np.full((SIZE, SIZE), 100, np.uint8)
-    rgb = np.zeros((SIZE, SIZE, 3), np.uint8) + np.array([200, 100, 50], np.uint8)
-    rgba = np.concatenate([rgb, np.full((SIZE, SIZE, 1), 128, np.uint8)], -1)
-    files = {  # class folder -> files: (name, pixels, PIL format)
-        "a_png": [("g.png", gray, "PNG"), ("c.png", rgb, "PNG"), ("t.png", rgba, "PNG")],
-        "b_bmp": [("g.bmp", gray, "BMP"), ("c.bmp", rgb, "BMP"), ("g2.bmp", gray, "BMP")],
-        "c_gif": [("g.gif", gray, "GIF"), ("g2.gif", gray, "GIF"), ("g3.GIF", gray, "GIF")],
-        "d_jpg": [("g.jpg", gray, "JPEG"), ("c.jpeg", rgb, "JPEG"), ("g2.JPG", gray, "JPEG")],
-    }
-    for folder, items in files.items():
-        for name, pixels, fmt in items:
-            _write(root / folder / name, pixels, fmt)
-    luma = 0.2989 * 200 + 0.587 * 100 + 0.114 * 50
-    # The expected value of every file (in file_paths order), per mode; JPEG
-    # is lossy, and RGB is weighted into gray with the ITU-R 601 weights.
-    gray3 = [100.0] * 3
-    expected = {
-        "grayscale": [[100], [luma], [luma], [100], [luma], [100], [100], [100],
-                      [100], [luma], [100], [100]],
-        "rgb": [gray3, [200, 100, 50], [200, 100, 50], gray3, [200, 100, 50],
-                gray3, gray3, gray3, gray3, [200, 100, 50], gray3, gray3],
-        "rgba": [gray3 + [255], [200, 100, 50, 255], [200, 100, 50, 128],
-                 gray3 + [255], [200, 100, 50, 255], gray3 + [255], gray3 + [255],
-                 gray3 + [255], gray3 + [255], [200, 100, 50, 255], gray3 + [255],
-                 gray3 + [255]],
-    }
-    order = [
-        "a_png/c.png", "a_png/g.png", "a_png/t.png", "b_bmp/c.bmp", "b_bmp/g.bmp",
-        "b_bmp/g2.bmp", "c_gif/g.gif", "c_gif/g2.gif", "c_gif/g3.GIF",
-        "d_jpg/c.jpeg", "d_jpg/g.jpg", "d_jpg/g2.JPG",
-    ]
-    # Sorted by name: c before g before t.
-    expected_by_path = {
-        mode: dict(zip(
-            ["a_png/g.png", "a_png/c.png", "a_png/t.png", "b_bmp/g.bmp",
-             "b_bmp/c.bmp", "b_bmp/g2.bmp", "c_gif/g.gif", "c_gif/g2.gif",
-             "c_gif/g3.GIF", "d_jpg/g.jpg", "d_jpg/c.jpeg", "d_jpg/g2.JPG"],
-            values,
-        ))
-        for mode, values in expected.items()
-    }
+    for name, pixels, fmt, _ in reversed(FORMAT_FILES):
+        _write(root / name, pixels, fmt)
     for mode, channels in (("grayscale", 1), ("rgb", 3), ("rgba", 4)):
         tasks = episodes.from_directory(
             root, ways=4, shots=2, query_shots=1, seed=0, image_size=(6, 5),
             color_mode=mode,
         )
-        assert [os.path.relpath(p, root) for p in tasks.file_paths] == order
-        # Every image once: 4 classes x 3 files in one task.
+        assert tasks.class_names == ["a_png", "b_bmp", "c_gif", "d_jpg"]
+        assert tasks.file_paths == [str(root / name) for name, *_ in FORMAT_FILES]
+        # One task holds every image: 4 classes x 3 files.
         task = _tasks(tasks, 1)[0]
         images = np.concatenate([task["support_x"], task["query_x"]])
         assert images.shape == (12, 6, 5, channels)
-        # Images are constant, so any resizing keeps their value.
-        values = images.reshape(12, -1, channels).mean(axis=1) * 255.0
-        spread = images.reshape(12, -1, channels).std(axis=1) * 255.0
-        assert spread.max() < 2.0
-        wanted = sorted(map(tuple, expected_by_path[mode].values()))
-        got = sorted(map(tuple, values))
+        # The images are constant, and resizing keeps a constant image.
+        pixels = images.reshape(12, -1, channels) * 255.0
+        assert np.ptp(pixels, axis=1).max() < 2.0
+        got = sorted(map(tuple, pixels.mean(axis=1)))
+        wanted = sorted(tuple(values[mode]) for *_, values in FORMAT_FILES)
         np.testing.assert_allclose(got, wanted, atol=3.0)
 
 
@@ -492,7 +479,7 @@ def test_unreadable_or_corrupt_images_are_named(tmp_path):
     with pytest.raises(ValueError, match="Expected every image file to be a readable PNG, JPEG, GIF or BMP image") as info:
         _build(root)
     message = str(info.value)
-    assert "3 of 12 files are not" in message
+    assert "Received: 3 of the 12 files are not: " in message
     assert f"{empty} is empty" in message
     assert f"{text} is not a PNG, JPEG, GIF or BMP file" in message
     assert f"{broken} cannot be read" in message
@@ -504,7 +491,7 @@ def test_unreadable_or_corrupt_images_are_named(tmp_path):
     (root / "class_1" / "img_00.png").unlink()
     truncated = root / "class_1" / "truncated.png"
     truncated.write_bytes(tf.io.encode_png(np.full((30, 30, 1), 7, np.uint8)).numpy()[:40])
-    with pytest.raises(ValueError, match=r"Received: 1 of 9 files are not: .*truncated.png cannot be decoded \("):
+    with pytest.raises(ValueError, match=r"Received: 1 of the 9 files is not: .*truncated.png cannot be decoded \(Invalid PNG"):
         _build(root)
     # With verify="header" the dataset is built; decoding fails in the pipeline.
     tasks = _build(root, verify="header", ways=3, shots=2, query_shots=1)
