@@ -19,10 +19,12 @@ The serving snippets of `docs/serving.md` run in `serving_clients_test.py`.
 
 import argparse
 import contextlib
+import decimal
 import glob
 import importlib.util
 import inspect
 import io
+import json
 import os
 import re
 import shlex
@@ -331,6 +333,63 @@ def test_readme_main_job_needs_nothing_downloaded():
     jobs = [c for c in shown if c.endswith("examples/sine_regression.py")]
     assert jobs, "the README's quick start no longer runs examples/sine_regression.py"
     assert _parse("examples/sine_regression.py", []).meta_steps > 0
+
+
+# ----------------------------------------------------------------------
+# The README's numbers come from the files that hold them
+
+
+def _table_after(text, heading):
+    """{first cell: other cells} of the first table after `heading`."""
+    start = text.index(heading)
+    rows = {}
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
+def _percent(entry, ci=True):
+    def one_decimal(fraction):  # 0.5285 -> "52.9", as written by hand
+        percent = decimal.Decimal(str(fraction)) * 100
+        return str(percent.quantize(decimal.Decimal("0.1"), decimal.ROUND_HALF_UP))
+
+    cell = f"{one_decimal(entry['accuracy'])}%"
+    return f"{cell} ± {one_decimal(entry['ci95'])}%" if ci else cell
+
+
+def test_readme_shipped_model_numbers_are_its_card():
+    with open(os.path.join(ROOT, "saved_models", "omniglot", "card.json")) as f:
+        results = json.load(f)["results"]
+    scores = results[results.get("learner", "reptile")]
+    baseline_run = os.path.join(ROOT, "docs", "omniglot",
+                                "20way1shot_baseline_augment_mild_3376s", "results.json")
+    with open(baseline_run) as f:
+        baseline = json.load(f)["baseline"]
+    rows = _table_after(_read(README), "### The shipped model")
+    protocols = {"5-way 1-shot": "5-way 1-shot", "5-way 5-shot": "5-way 5-shot",
+                 "20-way 1-shot": "20-way 1-shot",
+                 "20-way 1-shot, all classes from one alphabet":
+                     "20-way 1-shot within one alphabet"}
+    assert set(rows) - {"held-out alphabets"} == set(protocols), rows
+    for row, protocol in protocols.items():
+        assert rows[row] == [
+            _percent(scores[f"{protocol}, non-transductive"]),
+            _percent(scores[f"{protocol}, transductive"]),
+            _percent(baseline[protocol], ci=False),
+        ], row
+
+
+def test_readme_paper_numbers_are_paper_tables():
+    paper = _load("examples/paper_table.py").PAPER_REPTILE
+    rows = _table_after(_read(README), "### Omniglot, the paper's split")
+    for protocol, (plain, transductive) in paper.items():
+        assert rows[protocol][:2] == [f"{plain:.2f}", f"{transductive:.2f}"], protocol
 
 
 # ----------------------------------------------------------------------
