@@ -29,7 +29,6 @@ import os
 import re
 import shlex
 import sys
-import tomllib
 from unittest import mock
 
 import keras
@@ -308,8 +307,10 @@ def test_shown_commands_parse(tokens, where):
 
 
 def _check_pip(args, where):
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    # The names under [project.optional-dependencies] (no tomllib on Python 3.10).
+    pyproject = _read(os.path.join(ROOT, "pyproject.toml"))
+    section = pyproject.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    extras = set(re.findall(r"^([\w-]+)\s*=", section, re.M))
     for arg in args:
         match = re.fullmatch(r"\.\[([\w,-]+)\]", arg)
         if match:
