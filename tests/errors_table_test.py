@@ -18,6 +18,7 @@ import functools
 import importlib
 import os
 import re
+import sys
 
 import keras
 import numpy as np
@@ -150,10 +151,9 @@ def test_every_entry_point_exists(entry):
 # Rows covered by other tests
 
 
-def _test_code(test_file, name):
-    """What test `name` checks: `(strings, source)` of the test with its
-    decorators and of the module-level helpers, tables and constants it
-    refers to, and those they refer to."""
+def _test_nodes(test_file, name):
+    """The test `name` (decorators included) and the module-level helpers,
+    tables and constants it refers to, and those they refer to."""
     path = os.path.join(REPO, test_file)
     with open(path) as f:
         source = f.read()
@@ -176,20 +176,196 @@ def _test_code(test_file, name):
         }
         names |= used
         nodes += [top[n] for n in sorted(used)]
-    # Implicitly concatenated literals are one constant in the AST. Patterns
-    # for `pytest.raises(match=...)` are regular expressions: their escapes
-    # are not part of the message.
-    strings = "\n".join(
-        n.value.replace("\\", "")
+    return nodes, top
+
+
+_REGEX_SPECIAL = set(".^$*+?{}[]|()")
+_ANY = "\x00"  # an unescaped "." in a run: one character, any
+
+
+def _covers(text, fragment):
+    """Whether `fragment` appears in `text`, `_ANY` matching any character."""
+    if _ANY not in text:
+        return fragment in text
+    width = len(fragment)
+    return any(
+        all(t == f or t == _ANY for t, f in zip(text[i:i + width], fragment))
+        for i in range(len(text) - width + 1)
+    )
+
+
+def _regex_literals(pattern):
+    """The runs of literal text a regular expression requires, in order
+    (a quantified character is dropped from its run: it may be absent)."""
+    runs, run, i = [], "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            i += 2
+            if nxt.isalnum():  # \d, \w, \s, \b, ...: not literal text.
+                runs.append(run)
+                run = ""
+            else:
+                run += nxt
+            continue
+        if c in "?*+{" and run:
+            run = run[:-1]  # (for "+" the one required copy is already in run)
+            if c == "+":
+                run += pattern[i - 1]
+        if c == "." and (i + 1 == len(pattern) or pattern[i + 1] not in "?*+{"):
+            run += _ANY  # exactly one character
+            i += 1
+            continue
+        if c == "[":
+            i = pattern.find("]", i + 2) + 1 or len(pattern)
+            runs.append(run)
+            run = ""
+            continue
+        if c in _REGEX_SPECIAL:
+            runs.append(run)
+            run = ""
+        else:
+            run += c
+        i += 1
+    runs.append(run)
+    return [r for r in runs if r]
+
+
+def _is_raises(call):
+    func = call.func
+    return (isinstance(func, ast.Attribute) and func.attr == "raises") or (
+        isinstance(func, ast.Name) and func.id == "raises")
+
+
+def _is_regex_call(call):
+    func = call.func
+    return (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+            and func.value.id == "re" and func.attr in ("search", "match", "fullmatch"))
+
+
+def _asserted_messages(nodes, top):
+    """The texts the test checks an error's message against: the literal runs
+    of `pytest.raises(..., match=...)` and `re.search` patterns, and the
+    strings of `assert ... == ...`, `assert ... in ...` and
+    `assert message.startswith(...)` (or `endswith`).
+
+    A name in those places is followed to what it holds: a parameter of the
+    test (its `parametrize` values), a parameter of a helper (the arguments
+    of the helper's calls), a local assignment or a module-level table."""
+    functions = {n.name: n for n in nodes if isinstance(n, ast.FunctionDef)}
+    calls = [c for node in nodes for c in ast.walk(node) if isinstance(c, ast.Call)]
+
+    def strings(expr, regex, scope, depth=0):
+        if depth > 12 or expr is None:
+            return []
+        if isinstance(expr, ast.Constant):
+            if not isinstance(expr.value, str):
+                return []
+            return _regex_literals(expr.value) if regex else [expr.value]
+        if isinstance(expr, ast.JoinedStr):
+            return [p for v in expr.values for p in strings(v, regex, scope, depth + 1)]
+        if isinstance(expr, ast.FormattedValue):
+            return []
+        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) \
+                and expr.func.attr == "escape":
+            return [p for a in expr.args for p in strings(a, False, scope, depth + 1)]
+        if isinstance(expr, ast.Name):
+            return name_strings(expr.id, regex, scope, depth + 1)
+        if isinstance(expr, ast.Subscript):
+            return strings(expr.value, regex, scope, depth + 1)
+        if isinstance(expr, (ast.GeneratorExp, ast.ListComp)):
+            return strings(expr.elt, regex, scope, depth + 1)
+        if isinstance(expr, (ast.Tuple, ast.List, ast.Dict, ast.BinOp)):
+            return [p for child in ast.iter_child_nodes(expr)
+                    for p in strings(child, regex, scope, depth + 1)]
+        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) \
+                and expr.func.id in functions:
+            # A helper's result: what it returns.
+            return [p for n in ast.walk(functions[expr.func.id])
+                    if isinstance(n, ast.Return)
+                    for p in strings(n.value, regex, expr.func.id, depth + 1)]
+        if isinstance(expr, ast.Call):
+            # str(error), error.args[0], message.format(...): the texts of
+            # their arguments and receiver.
+            parts = list(expr.args) + [k.value for k in expr.keywords]
+            if isinstance(expr.func, ast.Attribute):
+                parts.append(expr.func.value)
+            return [p for part in parts for p in strings(part, regex, scope, depth + 1)]
+        if isinstance(expr, ast.Attribute):
+            return strings(expr.value, regex, scope, depth + 1)
+        return []
+
+    def name_strings(name, regex, scope, depth):
+        found = []
+        function = functions.get(scope)
+        if function is not None:
+            params = [a.arg for a in function.args.args + function.args.kwonlyargs]
+            for node in ast.walk(function):
+                if isinstance(node, ast.Assign) and any(
+                        isinstance(n, ast.Name) and n.id == name
+                        for t in node.targets for n in ast.walk(t)):
+                    found += strings(node.value, regex, scope, depth)
+                if isinstance(node, (ast.For, ast.comprehension)) and isinstance(
+                        node.target, (ast.Name, ast.Tuple)) and name in {
+                        n.id for n in ast.walk(node.target) if isinstance(n, ast.Name)}:
+                    found += strings(node.iter, regex, scope, depth)
+            if name in params:
+                for decorator in function.decorator_list:
+                    found += [p for n in ast.walk(decorator)
+                              for p in strings(n, regex, scope, depth)
+                              if isinstance(n, ast.Constant)]
+                index = params.index(name)
+                for call in calls:
+                    if isinstance(call.func, ast.Name) and call.func.id == scope:
+                        caller = _enclosing(call)
+                        if index < len(call.args):
+                            found += strings(call.args[index], regex, caller, depth)
+                        found += [p for k in call.keywords if k.arg == name
+                                  for p in strings(k.value, regex, caller, depth)]
+        if name in top and not isinstance(top[name], ast.FunctionDef):
+            found += [p for n in ast.walk(top[name]) for p in strings(n, regex, scope, depth)
+                      if isinstance(n, ast.Constant)]
+        return found
+
+    parents = {}
+    for function in functions.values():
+        for n in ast.walk(function):
+            parents[id(n)] = function.name
+
+    def _enclosing(node):
+        return parents.get(id(node))
+
+    texts = []
+    for function in functions.values():
+        for node in ast.walk(function):
+            if isinstance(node, ast.Call) and _is_raises(node):
+                for keyword in node.keywords:
+                    if keyword.arg == "match":
+                        texts += strings(keyword.value, True, function.name)
+            elif isinstance(node, ast.Call) and _is_regex_call(node) and node.args:
+                texts += strings(node.args[0], True, function.name)
+            elif isinstance(node, ast.Assert):
+                for call in ast.walk(node.test):
+                    if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) \
+                            and call.func.attr in ("startswith", "endswith"):
+                        texts += [p for a in call.args
+                                  for p in strings(a, False, function.name)]
+                for compare in ast.walk(node.test):
+                    if isinstance(compare, ast.Compare) and all(
+                            isinstance(op, (ast.Eq, ast.In)) for op in compare.ops):
+                        for operand in [compare.left] + compare.comparators:
+                            texts += strings(operand, False, function.name)
+    return texts
+
+
+def _names(nodes):
+    """Every name and attribute the test's code uses (comments excluded)."""
+    return {
+        n.id if isinstance(n, ast.Name) else n.attr
         for node in nodes for n in ast.walk(node)
-        if isinstance(n, ast.Constant) and isinstance(n.value, str)
-    )
-    code = "\n".join(
-        ast.get_source_segment(source, part)
-        for node in nodes
-        for part in getattr(node, "decorator_list", []) + [node]
-    )
-    return strings, code
+        if isinstance(n, (ast.Name, ast.Attribute))
+    }
 
 
 REFERENCED = [row["ID"] for row in ROWS if row["Test"] != "here"]
@@ -199,15 +375,78 @@ REFERENCED = [row["ID"] for row in ROWS if row["Test"] != "here"]
 def test_referenced_test_covers_the_row(row_id):
     row = BY_ID[row_id]
     test_file, name = row["Test"].split("::")
-    strings, code = _test_code(test_file, name)
+    nodes, top = _test_nodes(test_file, name)
     fragment = row["Message contains"]
-    assert fragment in strings, (
-        f"errors.md:{row['line']}: {row['Test']} does not mention {fragment!r}"
+    texts = _asserted_messages(nodes, top)
+    assert any(_covers(text, fragment) for text in texts), (
+        f"errors.md:{row['line']}: {row['Test']} does not assert that an error's "
+        f"message contains {fragment!r} (in a `pytest.raises(match=...)`, "
+        "`re.search`, `assert ... == / in ...` or `startswith`/`endswith`)"
     )
     error_name = row["Raises"].split(".")[-1]
-    assert error_name in code, (
+    # Its name in the code, or in a script the test runs (a string).
+    code_strings = [n.value for node in nodes for n in ast.walk(node)
+                    if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    assert error_name in _names(nodes) or any(error_name in s for s in code_strings), (
         f"errors.md:{row['line']}: {row['Test']} does not check {error_name}"
     )
+
+
+CHECKER_CASES = '''
+import pytest
+
+def test_docstring():
+    """Expected `x` to be positive"""
+    with pytest.raises(ValueError, match="Expected"):
+        f()
+
+def test_comment():
+    # Expected `x` to be positive
+    with pytest.raises(ValueError, match="Expected"):
+        f()
+
+def test_unrelated_string():
+    with pytest.raises(ValueError, match="Expected"):
+        f({"Expected `x` to be positive": 1})
+
+def test_wildcard():
+    with pytest.raises(ValueError, match="Expected .* positive"):
+        f()
+
+def test_other_type():
+    with pytest.raises(TypeError, match="Expected `x` to be positive"):
+        f()
+
+def test_match():
+    with pytest.raises(ValueError, match=r"Expected `x` to be positive\\. Received"):
+        f()
+
+@pytest.mark.parametrize("message", ["Expected `x` to be positive"])
+def test_parametrized(message):
+    with pytest.raises(ValueError) as info:
+        f()
+    assert message in str(info.value)
+'''
+
+
+@pytest.mark.parametrize("name, covers", [
+    ("test_docstring", False), ("test_comment", False), ("test_unrelated_string", False),
+    ("test_wildcard", False), ("test_other_type", False), ("test_match", True),
+    ("test_parametrized", True),
+])
+def test_the_coverage_check_reads_only_assertions_on_the_message(
+        name, covers, tmp_path, monkeypatch):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "cases_test.py").write_text(CHECKER_CASES)
+    monkeypatch.setattr(sys.modules[__name__], "REPO", str(tmp_path))
+    monkeypatch.setitem(BY_ID, "checker-case", {
+        "Test": f"tests/cases_test.py::{name}", "Message contains": "Expected `x` to be positive",
+        "Raises": "ValueError", "line": 0})
+    if covers:
+        test_referenced_test_covers_the_row("checker-case")
+    else:
+        with pytest.raises(AssertionError, match="does not"):
+            test_referenced_test_covers_the_row("checker-case")
 
 
 # ----------------------------------------------------------------------------
