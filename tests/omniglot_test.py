@@ -19,10 +19,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import importlib
-
-# The package re-exports the `omniglot` function under the module's name.
-omniglot_lib = importlib.import_module("keras_reptile.datasets.omniglot")
 from keras_reptile.datasets.omniglot import Omniglot
 from keras_reptile.datasets.omniglot import OmniglotDownloadError
 from keras_reptile.datasets.omniglot import omniglot
@@ -215,7 +211,8 @@ def test_cache_written_reused_and_invalidated(
     def no_decode(*args, **kwargs):
         raise AssertionError("PNG decoding should have been skipped.")
 
-    monkeypatch.setattr(omniglot_lib, "_decode_pngs", no_decode)
+    # No PNG is decoded at all (TensorFlow's own decoder refuses).
+    monkeypatch.setattr(tf.io, "decode_png", no_decode)
     second = omniglot(synthetic_dir, image_size=8, cache_dir=cache_dir)
     np.testing.assert_array_equal(second.images, first.images)
     assert second.alphabets == first.alphabets
@@ -770,7 +767,8 @@ def test_real_cache_skips_decoding(real_cache, monkeypatch):
     def no_decode(*args, **kwargs):
         raise AssertionError("PNG decoding should have been skipped.")
 
-    monkeypatch.setattr(omniglot_lib, "_decode_pngs", no_decode)
+    # No PNG is decoded at all (TensorFlow's own decoder refuses).
+    monkeypatch.setattr(tf.io, "decode_png", no_decode)
     second = omniglot(REAL_DATA_DIR, cache_dir=cache_dir)
     np.testing.assert_array_equal(second.images, first.images)
     assert second.alphabets == first.alphabets
