@@ -89,14 +89,18 @@ def test_auto_adapts_task_by_task_where_batching_does_not_apply(batched_calls):
         keras.Input((10, 10, 1)), keras.layers.Flatten(), keras.layers.Dropout(0.1),
         keras.layers.Dense(3)])
     model = _model(net=net)
-    assert not model._evaluates_batched()
     model.evaluate(_tasks(), steps=1, verbose=0)
+    assert batched_calls == []
     # Under XLA, whose grouped convolutions are slow on CPU.
     xla = _model()
-    xla.compile(optimizer="sgd", loss=SCCE, jit_compile=True)
-    assert not xla._evaluates_batched()
+    xla.compile(optimizer="sgd", loss=SCCE, metrics=["accuracy"], jit_compile=True)
+    xla.evaluate(_tasks(), steps=1, verbose=0)
     assert batched_calls == []
-    assert _model()._evaluates_batched() and not _model(False)._evaluates_batched()
+    # The same conv4 without XLA is batched; with False it never is.
+    _model(False).evaluate(_tasks(), steps=1, verbose=0)
+    assert batched_calls == []
+    _model().evaluate(_tasks(), steps=1, verbose=0)
+    assert batched_calls == [3]
 
 
 def test_true_refuses_a_model_it_cannot_batch_before_any_work():
@@ -136,12 +140,13 @@ def test_setting_survives_keras_save_and_load(tmp_path):
         model.predict(_tasks().take(1), verbose=0), atol=1e-5)
 
 
-def test_graph_and_eager_evaluation_agree():
+def test_graph_and_eager_evaluation_agree(batched_calls):
     graph = _model()
     eager = _model()
     eager.compile(optimizer=keras.optimizers.SGD(0.5), loss=SCCE, metrics=["accuracy"],
                   run_eagerly=True)
-    assert eager._evaluates_batched()
     results = [m.evaluate(_tasks(), steps=1, verbose=0, return_dict=True)
                for m in (graph, eager)]
+    # Both batched: traced once by the graph, called once by the eager step.
+    assert batched_calls == [3, 3]
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], atol=1e-5)
