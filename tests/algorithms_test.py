@@ -16,32 +16,16 @@ MODES = {
 }
 
 
-def _scalar_model(w=1.0):
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
-    model.set_weights([np.array([[w]], "float32")])
-    return model
-
-
-def _hand_episode():
-    # Two tasks, two support rows each, one query row each.
-    return {
-        "support_x": np.array([[[1.0], [2.0]], [[1.0], [1.0]]], "float32"),
-        "support_y": np.array([[3.0, 2.0], [0.0, 1.0]], "float32"),
-        "query_x": np.array([[[1.0]], [[1.0]]], "float32"),
-        "query_y": np.array([[1.0], [1.0]], "float32"),
-    }
-
-
-def _one_meta_step(algorithm, mode):
+def _one_meta_step(net, episode, algorithm, mode):
     model = ReptileModel(
-        _scalar_model(1.0),
+        net,
         inner_optimizer=keras.optimizers.SGD(0.1),
         inner_steps=2,
         inner_batch_size=1,
         algorithm=algorithm,
     )
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", **MODES[mode])
-    episodes = tf.data.Dataset.from_tensors(_hand_episode()).repeat()
+    episodes = tf.data.Dataset.from_tensors(episode).repeat()
     history = model.fit(episodes, steps_per_epoch=1, verbose=0)
     return model.model.get_weights()[0][0, 0], history.history["loss"][0]
 
@@ -71,8 +55,8 @@ def _one_meta_step(algorithm, mode):
         (algorithms.MAML(recompute_inner_steps=True), 1.0448),
     ],
 )
-def test_one_meta_step_matches_hand_derivation(algorithm, expected, mode):
-    w, loss = _one_meta_step(algorithm, mode)
+def test_one_meta_step_matches_hand_derivation(algorithm, expected, mode, scalar_model, hand_episode):
+    w, loss = _one_meta_step(scalar_model(1.0), hand_episode, algorithm, mode)
     np.testing.assert_allclose(w, expected, rtol=1e-6)
     np.testing.assert_allclose(loss, 0.016, rtol=1e-5)
 
@@ -200,7 +184,7 @@ def test_maml_gradient_equals_central_finite_differences(head, recompute, mode):
         assert np.abs(expected[0]).max() > 1e-3  # flows into the embedding
 
 
-def test_fomaml_drops_exactly_the_second_order_term():
+def test_fomaml_drops_exactly_the_second_order_term(scalar_model):
     # FOMAML's gradient is dL/d(phi); MAML's is dL/d(phi) * d(phi)/d(theta).
     # With one inner step on w x (loss (w x - y)^2, lr a), d(phi)/dw is
     # 1 - 2 a x^2 (see the hand derivation above), so the two gradients
@@ -213,7 +197,7 @@ def test_fomaml_drops_exactly_the_second_order_term():
     }
     grads = {}
     for name in ("fomaml", "maml"):
-        model = ReptileModel(_scalar_model(1.0), inner_optimizer=keras.optimizers.SGD(0.1),
+        model = ReptileModel(scalar_model(1.0), inner_optimizer=keras.optimizers.SGD(0.1),
                              inner_steps=1, inner_batch_size=1, algorithm=name)
         model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
         model.train_on_batch(episode)
@@ -224,7 +208,7 @@ def test_fomaml_drops_exactly_the_second_order_term():
     np.testing.assert_allclose(grads["maml"], 1.2 * 0.2, rtol=1e-6)
 
 
-def test_algorithm_names_configs_and_errors():
+def test_algorithm_names_configs_and_errors(scalar_model):
     assert algorithms.names() == ["fomaml", "maml", "reptile"]
     assert algorithms.get("fomaml") == algorithms.MAML(first_order=True)
     assert algorithms.get("MAML") == algorithms.MAML()
@@ -247,7 +231,7 @@ def test_algorithm_names_configs_and_errors():
     # Configs written before the option existed still load.
     assert algorithms.MAML.from_config({"first_order": False}) == algorithms.MAML()
     with pytest.raises(ValueError, match="Received: algorithm='protonet'"):
-        ReptileModel(_scalar_model(), algorithm="protonet")
+        ReptileModel(scalar_model(), algorithm="protonet")
 
 
 @pytest.mark.parametrize("mode, steps", [("graph", 12), ("xla", 6)])

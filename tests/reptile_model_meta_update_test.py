@@ -24,12 +24,6 @@ MODES = {
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _scalar_model(w=1.0):
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
-    model.set_weights([np.array([[w]], "float32")])
-    return model
-
-
 # y_hat = w x, loss (w x - y)^2 on one row per step (grad 2x(wx - y)), inner
 # SGD lr 0.1, 2 inner steps over the support rows (1, 3), (2, 2), w = 1:
 #   step 0: grad 2*1*(1 - 3) = -4       -> w = 1 + 0.4 = 1.4
@@ -48,9 +42,9 @@ SUPPORT = (np.array([[1.0], [2.0]], "float32"), np.array([3.0, 2.0], "float32"))
 QUERY = (np.array([[1.0]], "float32"), np.array([1.0], "float32"))
 
 
-def _scalar_reptile(algorithm="reptile", mode="graph"):
+def _scalar_reptile(net, algorithm="reptile", mode="graph"):
     model = ReptileModel(
-        _scalar_model(1.0),
+        net,
         inner_optimizer=keras.optimizers.SGD(0.1),
         inner_steps=2,
         inner_batch_size=1,
@@ -74,8 +68,8 @@ def _w(model):
         ("maml", True, 0.9872, 0.0064),
     ],
 )
-def test_one_meta_update_is_one_hand_computed_meta_step(algorithm, query, expected, loss, mode):
-    model = _scalar_reptile(algorithm, mode)
+def test_one_meta_update_is_one_hand_computed_meta_step(algorithm, query, expected, loss, mode, scalar_model):
+    model = _scalar_reptile(scalar_model(1.0), algorithm, mode)
     logs = model.meta_update(*SUPPORT, *(QUERY if query else ()))
     assert set(logs) == {"loss"} and isinstance(logs["loss"], float)
     np.testing.assert_allclose(_w(model), expected, rtol=1e-6)
@@ -295,8 +289,8 @@ def test_bad_classification_tasks_raise_before_any_work():
     _assert_unchanged(model, before)
 
 
-def test_bad_regression_tasks_and_a_missing_query_set_raise_before_any_work():
-    model = _scalar_reptile("fomaml")
+def test_bad_regression_tasks_and_a_missing_query_set_raise_before_any_work(scalar_model):
+    model = _scalar_reptile(scalar_model(1.0), "fomaml")
     model.meta_update(*SUPPORT, *QUERY)
     before = _state(model)
     bad_y = np.array([np.nan], "float32")
@@ -318,7 +312,7 @@ def test_bad_regression_tasks_and_a_missing_query_set_raise_before_any_work():
     with pytest.raises(TypeError, match="Expected numeric labels in `support_y`"):
         model.meta_update(SUPPORT[0], np.array(["a", "b"]), *QUERY)
     _assert_unchanged(model, before)
-    uncompiled = ReptileModel(_scalar_model())
+    uncompiled = ReptileModel(scalar_model())
     with pytest.raises(ValueError, match="Call `compile\\(\\)` with a `loss`"):
         uncompiled.meta_update(*SUPPORT)
 

@@ -15,22 +15,6 @@ MODES = {
 }
 
 
-def _scalar_model(w=1.0):
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
-    model.set_weights([np.array([[w]], "float32")])
-    return model
-
-
-def _hand_episode():
-    # Two tasks, two support rows each, one query row each.
-    return {
-        "support_x": np.array([[[1.0], [2.0]], [[1.0], [1.0]]], "float32"),
-        "support_y": np.array([[3.0, 2.0], [0.0, 1.0]], "float32"),
-        "query_x": np.array([[[1.0]], [[1.0]]], "float32"),
-        "query_y": np.array([[1.0], [1.0]], "float32"),
-    }
-
-
 # y_hat = w x, loss (w x - y)^2 on one row per step (grad 2x(wx - y)), inner
 # SGD lr 0.1, 2 inner steps over rows 0, 1, from any meta-weight w:
 # Task A, rows (1, 3), (2, 2):
@@ -48,9 +32,9 @@ def _reptile_steps(w, epsilons):
     return w
 
 
-def _scalar_reptile(**kwargs):
+def _scalar_reptile(net, **kwargs):
     return ReptileModel(
-        _scalar_model(1.0),
+        net,
         inner_optimizer=keras.optimizers.SGD(0.1),
         inner_steps=2,
         inner_batch_size=1,
@@ -86,8 +70,8 @@ class _EpochStart(keras.callbacks.Callback):
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_reduce_lr_on_plateau_reduces_epsilon_and_later_steps_use_it(mode):
-    model = _scalar_reptile()
+def test_reduce_lr_on_plateau_reduces_epsilon_and_later_steps_use_it(mode, hand_episode, scalar_model):
+    model = _scalar_reptile(scalar_model(1.0))
     model.compile(
         optimizer=keras.optimizers.SGD(0.5),
         loss="mse",
@@ -104,7 +88,7 @@ def test_reduce_lr_on_plateau_reduces_epsilon_and_later_steps_use_it(mode):
     )
     steps_per_epoch = 2
     history = model.fit(
-        tf.data.Dataset.from_tensors(_hand_episode()).repeat(),
+        tf.data.Dataset.from_tensors(hand_episode).repeat(),
         steps_per_epoch=steps_per_epoch,
         epochs=4,
         validation_data=tf.data.Dataset.from_tensors(_validation_episode()),
@@ -186,11 +170,11 @@ def test_reduce_lr_on_plateau_follows_few_shot_val_accuracy_of_a_classifier():
     assert epsilon < 1.0, history  # the run did plateau (deterministic seeds)
 
 
-def test_reduce_lr_on_plateau_with_a_schedule_is_an_error_before_any_step():
+def test_reduce_lr_on_plateau_with_a_schedule_is_an_error_before_any_step(hand_episode, scalar_model):
     # Keras's ReduceLROnPlateau sets `optimizer.learning_rate`, which a
     # `LearningRateSchedule` does not allow; Keras itself would raise a
     # TypeError only at the first reduction (here after 2 epochs).
-    model = _scalar_reptile()
+    model = _scalar_reptile(scalar_model(1.0))
     model.compile(
         optimizer=keras.optimizers.SGD(
             keras.optimizers.schedules.PolynomialDecay(0.5, 100, 0.0)
@@ -200,7 +184,7 @@ def test_reduce_lr_on_plateau_with_a_schedule_is_an_error_before_any_step():
     )
     with pytest.raises(ValueError, match="cannot lower a learning-rate schedule"):
         model.fit(
-            tf.data.Dataset.from_tensors(_hand_episode()).repeat(),
+            tf.data.Dataset.from_tensors(hand_episode).repeat(),
             steps_per_epoch=2,
             epochs=4,
             validation_data=tf.data.Dataset.from_tensors(_validation_episode()),
@@ -212,10 +196,10 @@ def test_reduce_lr_on_plateau_with_a_schedule_is_an_error_before_any_step():
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_schedule_sets_epsilon_of_every_meta_step(mode):
+def test_schedule_sets_epsilon_of_every_meta_step(mode, hand_episode, scalar_model):
     # PolynomialDecay(0.5, 4, 0): eps_k = 0.5 (1 - k / 4) at iteration k,
     # i.e. 0.5, 0.375, 0.25, 0.125, then 0 (the weights stop moving).
-    model = _scalar_reptile()
+    model = _scalar_reptile(scalar_model(1.0))
     model.compile(
         optimizer=keras.optimizers.SGD(
             keras.optimizers.schedules.PolynomialDecay(0.5, 4, 0.0)
@@ -225,7 +209,7 @@ def test_schedule_sets_epsilon_of_every_meta_step(mode):
     )
     start = _EpochStart()
     model.fit(
-        tf.data.Dataset.from_tensors(_hand_episode()).repeat(),
+        tf.data.Dataset.from_tensors(hand_episode).repeat(),
         steps_per_epoch=2, epochs=3, callbacks=[start], verbose=0,
     )
     epsilons = [0.5, 0.375, 0.25, 0.125, 0.0, 0.0]

@@ -19,28 +19,12 @@ MODES = {
 }
 
 
-def _scalar_model(w=1.0):
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
-    model.set_weights([np.array([[w]], "float32")])
-    return model
-
-
-def _hand_episode():
-    # Two tasks, two support rows each, one query row each.
-    return {
-        "support_x": np.array([[[1.0], [2.0]], [[1.0], [1.0]]], "float32"),
-        "support_y": np.array([[3.0, 2.0], [0.0, 1.0]], "float32"),
-        "query_x": np.array([[[1.0]], [[1.0]]], "float32"),
-        "query_y": np.array([[1.0], [1.0]], "float32"),
-    }
-
-
 def _repeat(episode):
     return tf.data.Dataset.from_tensors(episode).repeat()
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_one_meta_step_matches_hand_computation(mode):
+def test_one_meta_step_matches_hand_computation(mode, scalar_model, hand_episode):
     # y_hat = w x, loss (w x - y)^2 on one row per step (so grad 2x(wx - y)),
     # inner SGD lr 0.1, 2 inner steps over rows 0, 1; w starts at 1.
     # Task A, rows (1, 3), (2, 2):
@@ -53,30 +37,30 @@ def test_one_meta_step_matches_hand_computation(mode):
     #   theta = 1 - 0.5 * 0.04 = 0.98
     # Reported query loss (query (1, 1)): ((1.08-1)^2 + (0.84-1)^2)/2 = 0.016.
     model = ReptileModel(
-        _scalar_model(1.0),
+        scalar_model(1.0),
         inner_optimizer=keras.optimizers.SGD(0.1),
         inner_steps=2,
         inner_batch_size=1,
     )
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", **MODES[mode])
-    history = model.fit(_repeat(_hand_episode()), steps_per_epoch=1, verbose=0)
+    history = model.fit(_repeat(hand_episode), steps_per_epoch=1, verbose=0)
     np.testing.assert_allclose(model.model.get_weights()[0], [[0.98]], rtol=1e-6)
     np.testing.assert_allclose(history.history["loss"][0], 0.016, rtol=1e-5)
 
 
-def test_inner_batches_wrap_around_the_support_set():
+def test_inner_batches_wrap_around_the_support_set(scalar_model, hand_episode):
     # As above with 3 inner steps: step 2 uses row (2*1) mod 2 = 0 again.
     # Task A: w = 1.08, grad 2*1*(1.08 - 3) = -3.84 -> w = 1.464
     # Task B: w = 0.84, grad 2*1*(0.84 - 0) = 1.68  -> w = 0.672
     # mean 1.068; outer SGD(1.0): theta = 1 - (1 - 1.068) = 1.068
     model = ReptileModel(
-        _scalar_model(1.0),
+        scalar_model(1.0),
         inner_optimizer=keras.optimizers.SGD(0.1),
         inner_steps=3,
         inner_batch_size=1,
     )
     model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
-    model.fit(_repeat(_hand_episode()), steps_per_epoch=1, verbose=0)
+    model.fit(_repeat(hand_episode), steps_per_epoch=1, verbose=0)
     np.testing.assert_allclose(model.model.get_weights()[0], [[1.068]], rtol=1e-6)
 
 
@@ -277,16 +261,87 @@ def test_zero_meta_step_size_leaves_weights_unchanged():
         np.testing.assert_array_equal(b, v.numpy())
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_fit_and_evaluate_run_in_every_execution_mode(mode):
-    model = _compile(_conv_reptile(), **MODES[mode])
-    history = model.fit(
-        _episodes(), steps_per_epoch=2, epochs=2,
-        validation_data=_episodes(shots=1, seed=5), validation_steps=2, verbose=0,
-    )
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        assert len(history.history[key]) == 2
-        assert np.all(np.isfinite(history.history[key]))
+def _inner_adam():
+    return keras.optimizers.Adam(0.01, beta_1=0.0)
+
+
+def _plain_reptile_fit(plain, network, episodes, validation, *, epochs, steps_per_epoch,
+                       meta_step_size, inner=(3, 4), eval_inner=(12, 3),
+                       optimizer=_inner_adam, loss=SCCE):
+    """`fit` as a plain loop: each task adapts a clone (`inner` = steps, rows
+    per step); theta + eps (mean phi - theta), eps = `meta_step_size(step)`;
+    the moving statistics become the tasks' mean. After each epoch every
+    validation task adapts (`eval_inner`) and its query loss (and accuracy
+    for classes) is averaged over the tasks."""
+    reference = keras.models.clone_model(network)
+    reference.set_weights(network.get_weights())
+    batches = iter(episodes)
+    history = {"val_loss": [], "val_accuracy": []}
+    step = 0
+    for _ in range(epochs):
+        for _ in range(steps_per_epoch):
+            episode = {k: v.numpy() for k, v in next(batches).items()}
+            adapted = [plain.adapt(reference, x, y, *inner, optimizer, loss)
+                       for x, y in zip(episode["support_x"], episode["support_y"])]
+            epsilon = meta_step_size(step)
+            step += 1
+            for variables in ("trainable_variables", "non_trainable_variables"):
+                for i, variable in enumerate(getattr(reference, variables)):
+                    mean = np.mean([getattr(a, variables)[i].numpy() for a in adapted], axis=0)
+                    if variables == "trainable_variables":
+                        mean = variable.numpy() + epsilon * (mean - variable.numpy())
+                    variable.assign(mean)
+        if not validation:
+            continue
+        losses, correct = [], []
+        for episode in validation:
+            for sx, sy, qx, qy in zip(*(episode[k].numpy() for k in
+                                        ("support_x", "support_y", "query_x", "query_y"))):
+                adapted = plain.adapt(reference, sx, sy, *eval_inner, optimizer, loss)
+                outputs = plain.query_outputs(adapted, sx, qx)
+                losses.append(loss(qy, outputs).numpy())
+                correct.extend(outputs.argmax(-1) == qy)
+        history["val_loss"].append(np.mean(losses))
+        history["val_accuracy"].append(np.mean(correct))
+    return reference, history
+
+
+def _assert_same_weights(actual, expected, rtol=1e-4, atol=1e-6, message=""):
+    """Trainable variables, then non-trainable ones (moving statistics)."""
+    for variables in ("trainable_variables", "non_trainable_variables"):
+        for a, e in zip(getattr(actual, variables), getattr(expected, variables), strict=True):
+            np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=rtol, atol=atol,
+                                       err_msg=message)
+
+
+def test_fit_and_evaluate_agree_with_a_plain_loop_in_every_execution_mode(plain):
+    # 2 epochs of 2 meta-steps: the iterator carries on across epochs
+    # (steps_per_epoch), so the 4 steps take the first 4 meta-batches.
+    validation = list(_episodes(shots=1, seed=5).take(2))
+    reference, expected = _plain_reptile_fit(
+        plain, _conv_reptile().model, _episodes(), validation, epochs=2, steps_per_epoch=2,
+        meta_step_size=lambda step: 1.0)
+    histories = {}
+    for mode in sorted(MODES):
+        model = _compile(_conv_reptile(), **MODES[mode])
+        histories[mode] = model.fit(
+            _episodes(), steps_per_epoch=2, epochs=2,
+            validation_data=_episodes(shots=1, seed=5), validation_steps=2, verbose=0,
+        ).history
+        _assert_same_weights(model.model, reference, message=mode)
+        for key in ("val_loss", "val_accuracy"):
+            np.testing.assert_allclose(histories[mode][key], expected[key],
+                                       rtol=1e-4, err_msg=f"{mode} {key}")
+    # The training metrics (query loss and accuracy after adaptation) are
+    # the same in every mode.
+    for mode in ("graph", "xla"):
+        for key in ("loss", "accuracy"):
+            np.testing.assert_allclose(histories[mode][key], histories["eager"][key],
+                                       rtol=1e-5, err_msg=f"{mode} {key}")
+    # Training moved the weights, so the agreement is not trivial.
+    initial = _conv_reptile().model.trainable_variables
+    assert min(np.abs(a.numpy() - b.numpy()).max()
+               for a, b in zip(initial, reference.trainable_variables)) > 1e-3
 
 
 def test_meta_training_learns_to_adapt_to_sine_tasks():
@@ -498,22 +553,38 @@ def test_a_new_meta_batch_size_is_traced_anew():
         np.testing.assert_array_equal(a, b)
 
 
-def test_outer_optimizer_schedule_and_any_optimizer_work():
-    model = _conv_reptile()
-    model.compile(
-        optimizer=keras.optimizers.Adam(
-            keras.optimizers.schedules.PolynomialDecay(0.1, 100, 0.0)
-        ),
-        loss=SCCE,
-        metrics=["accuracy"],
-    )
-    before = [v.numpy().copy() for v in model.model.trainable_variables]
-    model.fit(_episodes(), steps_per_epoch=2, verbose=0)
-    assert int(model.optimizer.iterations.numpy()) == 2
-    assert any(
-        not np.allclose(b, v.numpy())
-        for b, v in zip(before, model.model.trainable_variables)
-    )
+def _hand_inner_sgd(w, rows, lr=0.1):
+    """Plain SGD on (w x - y)^2, one (x, y) row per step."""
+    for x, y in rows:
+        w -= lr * 2 * x * (w * x - y)
+    return w
+
+
+def test_outer_optimizer_schedule_and_any_optimizer_work(scalar_model, hand_episode):
+    # The hand episode (see above): task A's rows (1, 3), (2, 2), task B's
+    # (1, 0), (1, 1), one row per inner step. Reference: a real Adam with
+    # the same schedule, on its own variable, applied to the pseudo-gradient
+    # theta - mean phi computed in plain Python (0.04 at theta = 1).
+    def schedule():
+        # 0.1, 0.075, 0.05: the schedule decides the step sizes.
+        return keras.optimizers.schedules.PolynomialDecay(0.1, 4, 0.0)
+
+    model = ReptileModel(scalar_model(1.0), inner_optimizer=keras.optimizers.SGD(0.1),
+                         inner_steps=2, inner_batch_size=1)
+    model.compile(optimizer=keras.optimizers.Adam(schedule()), loss="mse")
+    model.fit(_repeat(hand_episode), steps_per_epoch=3, verbose=0)
+
+    theta = keras.Variable(np.array([[1.0]], "float32"))
+    adam = keras.optimizers.Adam(schedule())
+    pseudo_gradients = []
+    for _ in range(3):
+        w = float(theta.numpy()[0, 0])
+        phi = np.mean([_hand_inner_sgd(w, [(1, 3), (2, 2)]), _hand_inner_sgd(w, [(1, 0), (1, 1)])])
+        pseudo_gradients.append(w - phi)
+        adam.apply_gradients([(np.array([[w - phi]], "float32"), theta)])
+    np.testing.assert_allclose(pseudo_gradients[0], 0.04, rtol=1e-6)
+    assert int(model.optimizer.iterations.numpy()) == 3
+    np.testing.assert_allclose(model.model.get_weights()[0], theta.numpy(), rtol=1e-6)
 
 
 def test_issue_snippet_runs_on_random_data():
@@ -542,16 +613,36 @@ def test_issue_snippet_runs_on_random_data():
     val = keras_reptile.episodes.from_arrays(
         x_val, y_val, ways=5, shots=1, query_shots=1, meta_batch_size=5, seed=1
     )
-    model.fit(train, steps_per_epoch=2, epochs=2, validation_data=val,
-              validation_steps=1, verbose=0)
+    initial = [w.copy() for w in backbone.get_weights()]
+    history = model.fit(train, steps_per_epoch=2, epochs=2, validation_data=val,
+                        validation_steps=1, verbose=0)
     support_x, support_y, query_x = x_val[:100:20], np.arange(5), x_val[1:100:20]
+    trained = [w.copy() for w in backbone.get_weights()]
     adapted = model.adapt(support_x, support_y)
     probs = adapted.predict(query_x, verbose=0)
-    assert probs.shape == (5, 5)
     assert isinstance(adapted, keras.Model) and adapted is not model.model
+    # A plain loop is no exact reference here: the inner Adam (1e-3) moves
+    # each weight by ~lr whatever its gradient's size, so float32 rounding in
+    # the random data's near-zero gradient components (which differ between
+    # the compiled step and an eager loop, and from run to run with the
+    # threads' summation order) grows to ~1e-3 per weight in 4 meta-steps
+    # (measured 5e-5 and 2.6e-3 in two runs). The plain-loop comparisons are
+    # test_fit_and_evaluate_agree_with_a_plain_loop_in_every_execution_mode
+    # and test_adapt_matches_a_plain_eager_adaptation_loop. Here: 2 epochs of
+    # 2 meta-steps, one validation per epoch, every weight moved (the
+    # convolutions and Dense by the meta-steps, the moving statistics to the
+    # tasks' mean), adaptation leaves the meta-weights alone.
+    assert int(model.optimizer.iterations.numpy()) == 4
+    assert len(history.history["val_loss"]) == len(history.history["loss"]) == 2
+    assert np.all(np.isfinite(history.history["val_loss"]))
+    for before, after in zip(initial, trained, strict=True):
+        assert np.abs(after - before).max() > 1e-4
+    for after, now in zip(trained, backbone.get_weights(), strict=True):
+        np.testing.assert_array_equal(now, after)
+    assert probs.shape == (5, 5)
 
 
-def test_regression_tasks_from_a_task_generator():
+def test_regression_tasks_from_a_task_generator(plain):
     keras.utils.set_random_seed(0)
     backbone = keras.Sequential(
         [keras.Input((1,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)]
@@ -562,14 +653,28 @@ def test_regression_tasks_from_a_task_generator():
     )
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
     tasks = keras_reptile.datasets.sine(shots=10, query_shots=10, meta_batch_size=2, seed=0)
+    initial = keras.models.clone_model(backbone)
+    initial.set_weights(backbone.get_weights())
     history = model.fit(tasks, steps_per_epoch=3, verbose=0,
                         validation_data=tasks, validation_steps=1)
-    assert np.isfinite(history.history["val_loss"][0])
-    task = next(iter(tasks))
-    prediction = model.adapt_and_predict(
-        task["support_x"][0], task["support_y"][0], task["query_x"][0]
-    )
-    assert prediction.shape == (10, 1)
+    task = {k: v[0].numpy() for k, v in next(iter(tasks)).items()}
+    prediction = model.adapt_and_predict(task["support_x"], task["support_y"], task["query_x"])
+
+    # The same as a plain loop: 3 inner SGD steps of 5 rows, meta-step 0.5;
+    # validation (the generator's first meta-batch again) adapts 8 steps of
+    # 5 rows (eval_inner_batch_size defaults to inner_batch_size).
+    def inner_sgd():
+        return keras.optimizers.SGD(0.02)
+
+    mse = keras.losses.MeanSquaredError()
+    reference, expected = _plain_reptile_fit(
+        plain, initial, tasks, list(tasks.take(1)), epochs=1, steps_per_epoch=3,
+        meta_step_size=lambda step: 0.5, inner=(3, 5), eval_inner=(8, 5),
+        optimizer=inner_sgd, loss=mse)
+    _assert_same_weights(model.model, reference)
+    np.testing.assert_allclose(history.history["val_loss"], expected["val_loss"], rtol=1e-5)
+    adapted = plain.adapt(reference, task["support_x"], task["support_y"], 8, 5, inner_sgd, mse)
+    np.testing.assert_allclose(prediction, adapted(task["query_x"]).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_get_config_round_trip():
@@ -624,21 +729,21 @@ def test_keras_file_round_trip_gives_identical_outputs_and_training(tmp_path):
          "Received: parallel_tasks='yes'"),
     ],
 )
-def test_bad_hyperparameters_raise_value_error(kwargs, message):
+def test_bad_hyperparameters_raise_value_error(kwargs, message, scalar_model):
     with pytest.raises(ValueError, match=message):
-        ReptileModel(_scalar_model(), **kwargs)
+        ReptileModel(scalar_model(), **kwargs)
 
 
-def test_bad_model_and_optimizer_raise_type_error():
+def test_bad_model_and_optimizer_raise_type_error(scalar_model):
     with pytest.raises(TypeError, match="Expected `model` to be a `keras.Model`"):
         ReptileModel(keras.layers.Dense(3))
     with pytest.raises(TypeError, match="Expected `inner_optimizer` to be one of"):
-        ReptileModel(_scalar_model(), inner_optimizer=keras.optimizers.Ftrl())
+        ReptileModel(scalar_model(), inner_optimizer=keras.optimizers.Ftrl())
     with pytest.raises(TypeError, match="Expected `transductive` to be a bool"):
-        ReptileModel(_scalar_model(), transductive="yes")
+        ReptileModel(scalar_model(), transductive="yes")
     with pytest.raises(TypeError, match="Expected `carry_inner_optimizer_state` to be a bool. "
                        "Received: carry_inner_optimizer_state=1"):
-        ReptileModel(_scalar_model(), carry_inner_optimizer_state=1)
+        ReptileModel(scalar_model(), carry_inner_optimizer_state=1)
 
 
 def test_fit_before_compile_with_loss_is_a_clear_error():
@@ -678,10 +783,10 @@ def test_adapt_rejects_bad_support_sets():
         model.adapt_and_predict(x[:3], [0, 1, 2], np.zeros((2, 4), "float32"))
 
 
-def test_adapt_accepts_targets_of_either_rank_and_subclassed_models():
+def test_adapt_accepts_targets_of_either_rank_and_subclassed_models(scalar_model):
     # Regression targets as [S] and as [S, 1] in successive calls, and a
     # subclassed backbone without `compute_output_shape`.
-    model = ReptileModel(_scalar_model(2.0), inner_optimizer=keras.optimizers.SGD(0.1),
+    model = ReptileModel(scalar_model(2.0), inner_optimizer=keras.optimizers.SGD(0.1),
                          eval_inner_steps=1, eval_inner_batch_size=4)
     model.compile(optimizer="sgd", loss="mse")
     x = np.ones((4, 1), "float32")
@@ -718,27 +823,27 @@ def test_adapt_accepts_targets_of_either_rank_and_subclassed_models():
         wrapped.adapt(np.zeros((3, 5), "float32"), np.array([0, 1, 2]))
 
 
-def test_outer_loss_scaling_does_not_shrink_the_meta_step():
+def test_outer_loss_scaling_does_not_shrink_the_meta_step(scalar_model, hand_episode):
     # Same hand-computed step as above (theta 1 -> 0.98) with an outer
     # optimizer that divides gradients by its loss scale factor.
     model = ReptileModel(
-        _scalar_model(1.0), inner_optimizer=keras.optimizers.SGD(0.1),
+        scalar_model(1.0), inner_optimizer=keras.optimizers.SGD(0.1),
         inner_steps=2, inner_batch_size=1,
     )
     model.compile(optimizer=keras.optimizers.SGD(0.5, loss_scale_factor=128.0), loss="mse")
-    model.fit(_repeat(_hand_episode()), steps_per_epoch=1, verbose=0)
+    model.fit(_repeat(hand_episode), steps_per_epoch=1, verbose=0)
     np.testing.assert_allclose(model.model.get_weights()[0], [[0.98]], rtol=1e-6)
 
 
-def test_train_and_test_on_batch_take_one_episode_batch():
+def test_train_and_test_on_batch_take_one_episode_batch(scalar_model, hand_episode):
     model = ReptileModel(
-        _scalar_model(1.0), inner_optimizer=keras.optimizers.SGD(0.1),
+        scalar_model(1.0), inner_optimizer=keras.optimizers.SGD(0.1),
         inner_steps=2, inner_batch_size=1, eval_inner_steps=2, eval_inner_batch_size=1,
     )
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
     # The query loss of the hand-computed step: 0.016 (see above).
-    np.testing.assert_allclose(model.test_on_batch(_hand_episode()), 0.016, rtol=1e-5)
-    model.train_on_batch(_hand_episode())
+    np.testing.assert_allclose(model.test_on_batch(hand_episode), 0.016, rtol=1e-5)
+    model.train_on_batch(hand_episode)
     np.testing.assert_allclose(model.model.get_weights()[0], [[0.98]], rtol=1e-6)
 
 
