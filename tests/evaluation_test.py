@@ -43,20 +43,41 @@ def _model_and_tasks(transductive=False):
     return model, tasks
 
 
+def _plain_accuracies(plain, model, tasks, num_batches, transductive):
+    """Per-task query accuracy from a plain loop: 4 real SGD(0.1) steps on the
+    3 support rows, then the query outputs with the support set's
+    BatchNormalization moments, or (transductive) the query batch's own."""
+    scce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    accuracies = []
+    for batch in tasks.take(num_batches):
+        for sx, sy, qx, qy in zip(*(batch[k].numpy() for k in
+                                    ("support_x", "support_y", "query_x", "query_y"))):
+            adapted = plain.adapt(model.model, sx, sy, 4, 3,
+                                  lambda: keras.optimizers.SGD(0.1), scce)
+            if transductive:
+                outputs = adapted(qx, training=True).numpy()
+            else:
+                outputs = plain.query_outputs(adapted, sx, qx)
+            accuracies.append(np.mean(outputs.argmax(-1) == qy))
+    return np.array(accuracies)
+
+
 @pytest.mark.parametrize("transductive", [False, True])
-def test_mean_equals_evaluate_and_per_task_matches_adapt(transductive):
+def test_accuracies_match_a_plain_loop_and_the_interval_its_formula(transductive, plain):
     model, tasks = _model_and_tasks(transductive)
     result = evaluation.few_shot_accuracy(model, tasks, num_tasks=8)
+    expected = _plain_accuracies(plain, model, tasks, 2, transductive)
     assert result.num_tasks == 8
+    # 9 queries per task: accuracies are multiples of 1/9.
+    np.testing.assert_allclose(result.per_task, expected, rtol=0, atol=1e-6)
+    assert result.mean == pytest.approx(expected.mean(), abs=1e-6)
+    # 95% interval: 1.96 sample standard deviations over sqrt(8).
+    assert result.ci95 == pytest.approx(1.96 * expected.std(ddof=1) / np.sqrt(8), rel=1e-6)
+    # `evaluate` on the same 2 meta-batches reports the same mean.
     _, accuracy = model.evaluate(tasks, steps=2, verbose=0)
-    assert result.mean == pytest.approx(accuracy, abs=1e-6)
-    # Task 0 independently, through adapt_and_predict.
-    first = next(iter(tasks))
-    outputs = model.adapt_and_predict(
-        first["support_x"][0], first["support_y"][0], first["query_x"][0]
-    )
-    expected = np.mean(outputs.argmax(-1) == first["query_y"][0].numpy())
-    assert result.per_task[0] == pytest.approx(expected)
+    assert accuracy == pytest.approx(expected.mean(), abs=1e-6)
+    # Not all tasks alike, so the comparison is not trivial.
+    assert len(set(expected)) > 1
 
 
 def test_transductive_override_is_temporary():
@@ -71,10 +92,18 @@ def test_transductive_override_is_temporary():
     np.testing.assert_allclose(overridden.per_task, expected.per_task)
 
 
-def test_predict_on_episodes_returns_query_outputs_per_task():
+def test_predict_on_episodes_returns_query_outputs_per_task(plain):
     model, tasks = _model_and_tasks()
     outputs = model.predict(tasks.take(2), verbose=0)
     assert outputs.shape == (8, 9, 3)  # 2 batches x 4 tasks, 9 queries, 3 ways
+    # Task 5 (batch 1, task 1) as a plain loop adapts and predicts it.
+    batch = {k: v[1].numpy() for k, v in list(tasks.take(2))[1].items()}
+    adapted = plain.adapt(model.model, batch["support_x"], batch["support_y"], 4, 3,
+                          lambda: keras.optimizers.SGD(0.1),
+                          keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    np.testing.assert_allclose(
+        outputs[5], plain.query_outputs(adapted, batch["support_x"], batch["query_x"]),
+        rtol=1e-4, atol=1e-5)
 
 
 def test_bad_arguments():
