@@ -20,7 +20,6 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 import keras_reptile
-from keras_reptile._losses import loss_kind
 from keras_reptile import ReptileModel
 from keras_reptile import export as export_lib
 
@@ -783,25 +782,44 @@ def test_carried_inner_optimizer_state_is_served(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "loss, expected",
+    "loss, kind, from_logits",
     [
-        (
-            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            ("sparse", True),
-        ),
-        (keras.losses.SparseCategoricalCrossentropy(), ("sparse", False)),
-        ("sparse_categorical_crossentropy", ("sparse", False)),
-        (keras.losses.sparse_categorical_crossentropy, ("sparse", False)),
-        (keras.losses.CategoricalCrossentropy(from_logits=True), ("categorical", True)),
-        ("categorical_crossentropy", ("categorical", False)),
-        (["sparse_categorical_crossentropy"], ("sparse", False)),
-        ("mse", (None, False)),
-        (keras.losses.BinaryCrossentropy(), (None, False)),
-        (None, (None, False)),
+        (keras.losses.SparseCategoricalCrossentropy(from_logits=True), "sparse", True),
+        (keras.losses.SparseCategoricalCrossentropy(), "sparse", False),
+        ("sparse_categorical_crossentropy", "sparse", False),
+        (keras.losses.sparse_categorical_crossentropy, "sparse", False),
+        (keras.losses.CategoricalCrossentropy(from_logits=True), "categorical", True),
+        ("categorical_crossentropy", "categorical", False),
+        (["sparse_categorical_crossentropy"], "sparse", False),
+        ("mse", None, False),
+        (keras.losses.BinaryCrossentropy(), None, False),
     ],
 )
-def test_classifier_detection(loss, expected):
-    assert loss_kind(loss) == expected
+def test_the_served_signatures_follow_the_compiled_loss(loss, kind, from_logits, tmp_path):
+    # The loss decides what the export serves: sparse labels (int32), one-hot
+    # labels (floats) or regression targets (floats, no "probabilities");
+    # probabilities are the softmax of logits, or the
+    # outputs themselves. A linear head, so that softmax is not the identity.
+    keras.utils.set_random_seed(5)
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(WAYS)])
+    model = ReptileModel(net, inner_optimizer="sgd", eval_inner_steps=1,
+                         eval_inner_batch_size=2)
+    model.compile(optimizer="sgd", loss=loss)
+    path = model.export(str(tmp_path / "1"), verbose=False)
+    adapt = _signature_defs(path)["adapt_and_predict"]
+    support_y = adapt.inputs["support_y"]
+    wanted = tf.int32 if kind == "sparse" else tf.float32
+    assert support_y.dtype == wanted.as_datatype_enum
+    x = np.random.default_rng(5).normal(size=(2, 4)).astype("float32")
+    result = tf.saved_model.load(path).signatures["serving_default"](x=tf.constant(x))
+    outputs = net.predict(x, verbose=0)
+    np.testing.assert_allclose(result["outputs"], outputs, **TOL)
+    if kind is None:
+        assert set(adapt.outputs) == set(result) == {"outputs"}
+    else:
+        assert set(adapt.outputs) == set(result) == {"outputs", "probabilities"}
+        expected = _softmax(outputs) if from_logits else outputs
+        np.testing.assert_allclose(result["probabilities"], expected, **TOL)
 
 
 # ----------------------------------------------------------------------
