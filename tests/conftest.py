@@ -7,12 +7,20 @@
   query outputs, which reference loops compare the model against.
 """
 
+import os
 import types
 
-import keras
-import numpy as np
-import pytest
-import tensorflow as tf
+# TensorFlow turns its oneDNN CPU kernels on by default only on some x86 CPUs
+# (seen: on with Intel AVX-512, off on an AMD EPYC with AVX2). Without them
+# grouped convolutions fail, and `batched_tasks="auto"` rightly falls back to
+# one task at a time; the suite runs the batched path on every x86 machine.
+# Set before TensorFlow is imported; an explicit setting is kept.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 
 @pytest.fixture
