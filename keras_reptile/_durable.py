@@ -8,7 +8,9 @@ before the data, and the rename itself only once its directory is flushed.
 Remote paths (`gs://`, `s3://`) are skipped: a closed object is durable.
 """
 
+import contextlib
 import os
+import tempfile
 
 
 def is_local(path):
@@ -39,3 +41,39 @@ def fsync_tree(path):
         for name in files:
             fsync_file(os.path.join(root, name))
         fsync_dir(root)
+
+
+@contextlib.contextmanager
+def atomic_write(path, tmp_path=None):
+    """Yields a temporary path to write; moves it onto `path` once written.
+
+    The file appears at `path` complete or not at all: the block writes the
+    temporary file, which is then flushed to disk and renamed over `path`.
+    If the block raises, the temporary file is removed and `path` is left as
+    it was. The rename is made durable by `fsync_dir` on the directory, which
+    is left to the caller (one flush can cover several files).
+
+    Args:
+        path: The local file to write.
+        tmp_path: Where to write first, in the same directory. Defaults to a
+            new unique name there (so that concurrent writers never share a
+            temporary file), with `path`'s extension (for writers that
+            append one otherwise, such as NumPy's).
+
+    Yields:
+        The path the block must write.
+    """
+    if tmp_path is None:
+        directory, name = os.path.split(path)
+        fd, tmp_path = tempfile.mkstemp(
+            prefix=".tmp-", suffix=os.path.splitext(name)[1], dir=directory or "."
+        )
+        os.close(fd)
+    try:
+        yield tmp_path
+        fsync_file(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise

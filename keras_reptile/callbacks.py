@@ -454,19 +454,16 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         # rename commits both: a kill at any moment leaves the previous
         # backup or the new one, never the weights of one meta-step with the
         # position of another.
+        # (Keras saves weights only under names ending in ".weights.h5".)
         tmp = os.path.join(self.backup_dir, "latest.tmp.weights.h5")
-        self.model.save_weights(tmp, overwrite=True)
-        with h5py.File(tmp, "a") as f:
-            f.attrs[_METADATA_ATTR] = json.dumps(metadata)
-        _durable.fsync_file(tmp)
-        os.replace(tmp, weights_path)
+        with _durable.atomic_write(weights_path, tmp) as tmp:
+            self.model.save_weights(tmp, overwrite=True)
+            with h5py.File(tmp, "a") as f:
+                f.attrs[_METADATA_ATTR] = json.dumps(metadata)
         # Also in Keras's metadata file, for tools that read it.
-        tmp = metadata_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(metadata))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, metadata_path)
+        with _durable.atomic_write(metadata_path, metadata_path + ".tmp") as tmp:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(metadata))
         # The renames themselves survive a power cut only once the directory
         # is on disk (a kill needs no flush: the kernel keeps the writes).
         _durable.fsync_dir(self.backup_dir)
@@ -867,7 +864,5 @@ def _load_weights(model, path):
 
 
 def _atomic_copy(src, dst):
-    tmp = dst + ".tmp"
-    shutil.copyfile(src, tmp)
-    _durable.fsync_file(tmp)
-    os.replace(tmp, dst)
+    with _durable.atomic_write(dst, dst + ".tmp") as tmp:
+        shutil.copyfile(src, tmp)

@@ -34,12 +34,13 @@ tasks = train.episodes(ways=5, shots=1, meta_batch_size=4, seed=0)
 
 import hashlib
 import os
-import tempfile
 import warnings
 import zipfile
 
 import numpy as np
 import tensorflow as tf
+
+from keras_reptile import _durable
 
 __all__ = ["Omniglot", "OmniglotDownloadError", "omniglot"]
 
@@ -639,11 +640,8 @@ def _write_cache(path, sha, image_size, images, alphabets, characters):
     cache_dir = os.path.dirname(path)
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(
-            prefix=".tmp-", suffix=".npz", dir=cache_dir
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
+        with _durable.atomic_write(path) as tmp_path:
+            with open(tmp_path, "wb") as f:
                 np.savez_compressed(
                     f,
                     images=images,
@@ -653,11 +651,6 @@ def _write_cache(path, sha, image_size, images, alphabets, characters):
                     image_size=np.array(image_size),
                     version=np.array(_CACHE_VERSION),
                 )
-            os.replace(tmp_path, path)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            raise
     except OSError as e:
         warnings.warn(
             f"Could not write the Omniglot cache file {path}: {e}. The data "

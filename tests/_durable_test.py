@@ -1,0 +1,44 @@
+"""`_durable.atomic_write`: the file appears complete or not at all."""
+
+import os
+
+import pytest
+
+from keras_reptile import _durable
+
+
+def test_the_file_appears_once_the_block_has_written_it(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("old")
+    with _durable.atomic_write(str(path)) as tmp:
+        with open(tmp, "w") as f:
+            f.write("new")
+        # Until the block ends, `path` still holds the previous contents.
+        assert path.read_text() == "old"
+        assert os.path.dirname(tmp) == str(tmp_path)
+        assert tmp.endswith(".json")
+    assert path.read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with _durable.atomic_write(str(path)) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]
+
+
+def test_a_given_temporary_name_is_used(tmp_path):
+    path = tmp_path / "latest.weights.h5"
+    given = str(tmp_path / "latest.tmp.weights.h5")
+    with _durable.atomic_write(str(path), given) as tmp:
+        assert tmp == given
+        with open(tmp, "wb") as f:
+            f.write(b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    assert not os.path.exists(given)
