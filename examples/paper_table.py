@@ -53,8 +53,8 @@ def table(runs):
                 f"Received: a run with train_on={run.get('train_on')!r} "
                 f"({run.get('command', 'no command recorded')}).")
     lines = [
-        "| protocol | paper's Reptile | ours, non-transductive | ours, transductive "
-        "| our meta-steps (paper's) | learner |",
+        "| protocol | paper's Reptile | keras_reptile, non-transductive "
+        "| keras_reptile, transductive | meta-steps (paper's) | learner |",
         "|---|---|---|---|---|---|",
     ]
     for protocol, (paper_plain, paper_trans) in PAPER_REPTILE.items():

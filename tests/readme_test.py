@@ -387,10 +387,21 @@ def test_readme_shipped_model_numbers_are_its_card():
 
 
 def test_readme_paper_numbers_are_paper_tables():
-    paper = _load("examples/paper_table.py").PAPER_REPTILE
-    rows = _table_after(_read(README), "### Omniglot, the paper's split")
-    for protocol, (plain, transductive) in paper.items():
-        assert rows[protocol][:2] == [f"{plain:.2f}", f"{transductive:.2f}"], protocol
+    paper_table = _load("examples/paper_table.py")
+    section = _read(README)
+    section = section[section.index("### Omniglot, the paper's split"):]
+    section = section[:section.index("\n### ", 1)]
+    rows = _table_after(section, "### Omniglot, the paper's split")
+    for protocol, (plain, transductive) in paper_table.PAPER_REPTILE.items():
+        assert rows[protocol][0] == f"{plain:.2f} / {transductive:.2f}", protocol
+    # The whole table is what the command shown beneath it prints for the
+    # committed results.
+    (command,) = re.findall(r"^python examples/paper_table\.py (.+)$", section, re.M)
+    runs = []
+    for path in command.split():
+        with open(os.path.join(ROOT, path)) as f:
+            runs.append(json.load(f))
+    assert paper_table.table(runs) in section
 
 
 # ----------------------------------------------------------------------
