@@ -12,6 +12,8 @@ raises before any callback (a backup, say) sees the broken step.
 
 import tensorflow as tf
 
+from keras_reptile import _distribution
+
 
 class NonFiniteGuard:
     """Undoes and reports a meta-step that made any variable non-finite.
@@ -101,9 +103,7 @@ def _floating(variables):
 
 
 def _restore_if(undo, variables, before):
-    strategy = tf.distribute.get_strategy()
-    context = tf.distribute.get_replica_context()
-    if context is None or strategy.num_replicas_in_sync == 1:
+    if tf.distribute.get_replica_context() is None or _distribution.replicas() == 1:
         def restore():
             for variable, value in zip(variables, before):
                 variable.assign(value)
@@ -114,12 +114,7 @@ def _restore_if(undo, variables, before):
     # A cond whose branch assigns mirrored variables cannot run in a replica
     # context, so every copy is written unconditionally; `undo` and the
     # values are the same on every replica (all synchronised after the step).
-    values = [tf.where(undo, b, tf.convert_to_tensor(v)) for v, b in zip(variables, before)]
-
-    def update(strategy, *values):
-        for variable, value in zip(variables, values):
-            strategy.extended.update(
-                variable.value, lambda v, x: v.assign(x), args=(value,), group=False
-            )
-
-    context.merge_call(update, args=tuple(values))
+    _distribution.assign_everywhere(
+        variables,
+        [tf.where(undo, b, tf.convert_to_tensor(v)) for v, b in zip(variables, before)],
+    )

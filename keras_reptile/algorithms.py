@@ -5,11 +5,13 @@ meta-weights θ to every task with the one functional inner loop, hands the
 outer gradient to the compiled optimizer and reports metrics. An algorithm
 differs from another only in two small hooks:
 
-* `adapt_task(adapt, query, theta)`: runs one task. `adapt(theta)` returns
+* `adapt_task(task, theta)`: runs one task. `task.adapt(theta)` returns
   the task's `Adaptation` (the task's initial weights, the adapted weights φ
-  and the state after the inner loop); `query(weights, state)` returns the
-  compiled loss and the outputs on the task's query set. The hook returns a
-  `TaskResult`, with the task's gradient contribution if it has one.
+  and the state after the inner loop); `task.query(weights, state)` returns
+  the compiled loss and the outputs on the task's query set. The hook
+  returns a `TaskResult`, with the task's gradient contribution if it has
+  one. `task` comes from the task engine (`keras_reptile._task_adapter`),
+  which runs the same adaptation for training, evaluation and serving.
 * `outer_gradient(theta, results)`: the gradient, one tensor per trainable
   variable, that the outer optimizer applies (the mean over this replica's
   tasks; the model scales it for distribution).
@@ -92,19 +94,20 @@ class MetaAlgorithm:
     # Whether the outer gradient is taken through the inner loop.
     differentiates_inner_loop = False
 
-    def adapt_task(self, adapt, query, theta):
+    def adapt_task(self, task, theta):
         """Adapts to one task. See the module docstring.
 
         Args:
-            adapt: `adapt(theta) -> Adaptation`.
-            query: `query(weights, state) -> (loss, outputs)` on the query set.
+            task: The task: `task.adapt(theta) -> Adaptation` and
+                `task.query(weights, state) -> (loss, outputs)` on its query
+                set.
             theta: The meta-weights, a list of tensors.
 
         Returns:
             A `TaskResult`.
         """
-        adaptation = adapt(theta)
-        _, outputs = query(adaptation.weights, adaptation.state)
+        adaptation = task.adapt(theta)
+        _, outputs = task.query(adaptation.weights, adaptation.state)
         return TaskResult(adaptation, outputs)
 
     def outer_gradient(self, theta, results):
@@ -161,7 +164,7 @@ class MAML(MetaAlgorithm):
             optimizer state) for the backward pass and recomputes the step's
             activations there, so memory no longer grows with the inner
             steps' activations, for about one more forward and backward
-            pass per inner step (see the README's measurements). The inner
+            pass per inner step (see docs/performance.md). The inner
             loop is then unrolled whatever its length. Same gradient to
             float rounding.
 
@@ -195,10 +198,10 @@ class MAML(MetaAlgorithm):
     def differentiates_inner_loop(self):
         return not self.first_order
 
-    def adapt_task(self, adapt, query, theta):
+    def adapt_task(self, task, theta):
         with tf.GradientTape() as tape:
             tape.watch(theta)
-            adaptation = adapt(theta)
+            adaptation = task.adapt(theta)
             weights = adaptation.weights
             if self.first_order:
                 # Straight through the inner loop: the value of φ, the
@@ -207,7 +210,7 @@ class MAML(MetaAlgorithm):
                     i + tf.stop_gradient(w - i)
                     for i, w in zip(adaptation.initial, weights)
                 ]
-            loss, outputs = query(weights, adaptation.state)
+            loss, outputs = task.query(weights, adaptation.state)
         gradient = tape.gradient(
             loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )

@@ -24,18 +24,15 @@ import numpy as np
 import tensorflow as tf
 
 from keras_reptile import augmentation
+from keras_reptile._validation import EPISODE_KEYS
+from keras_reptile._validation import check_finite_rows
 from keras_reptile._validation import check_positive_int
 from keras_reptile.image_folders import from_directory
 
 __all__ = ["from_arrays", "from_dataset", "from_directory", "from_task_fn"]
 
-EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
-
 # Examples per batch when `from_dataset` reads a dataset into memory.
 _MATERIALIZE_BATCH_SIZE = 1024
-
-# Rows listed in the error for non-finite features.
-_MAX_LISTED_ROWS = 10
 
 
 def from_arrays(
@@ -564,15 +561,7 @@ def _check_examples(x, y):
         raise ValueError("Expected at least one example. Received: N=0")
     # A NaN or Inf feature would turn every meta-gradient it reaches into
     # NaN, long after the pipeline was built.
-    bad = np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1))
-    if bad.size:
-        shown = bad[:_MAX_LISTED_ROWS].tolist()
-        more = ", ..." if bad.size > _MAX_LISTED_ROWS else ""
-        raise ValueError(
-            "Expected `x` to contain only finite values. Received: "
-            f"non-finite values (NaN or Inf) in {bad.size} examples, at rows "
-            f"[{', '.join(map(str, shown))}{more}]"
-        )
+    check_finite_rows("x", x)
     if np.issubdtype(y.dtype, np.floating):
         bad = np.flatnonzero(~np.isfinite(y) | (np.round(y) != y))
         if bad.size:

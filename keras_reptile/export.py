@@ -94,6 +94,7 @@ import keras
 import tensorflow as tf
 
 from keras_reptile import _durable
+from keras_reptile import _validation
 from keras_reptile._losses import loss_kind as _loss_kind
 from keras_reptile._validation import check_positive_int
 
@@ -239,7 +240,7 @@ def export_saved_model(
     max_support = _bound("max_support", max_support, DEFAULT_MAX_SUPPORT)
     max_query = _bound("max_query", max_query, DEFAULT_MAX_QUERY)
     example_shape, x_dtype = _example_spec(net, input_signature)
-    output_shape = _output_shape(net, example_shape, x_dtype)
+    output_shape = _validation.output_shape(net, example_shape, x_dtype)
     loss_kind, from_logits = _loss_kind(model.loss)
     if loss_kind is not None and output_shape[-1:] in ((), (None,)):
         raise ValueError(
@@ -468,18 +469,9 @@ class _Checks:
         )
 
     def targets(self, y, support_x, loss_kind, output_shape):
-        if loss_kind == "sparse":
-            shapes = [(None,)]
-        elif loss_kind == "categorical":
-            shapes = [(None, output_shape[-1])]
-        else:
-            shapes = [(None,) + output_shape]
-            if output_shape == (1,):
-                shapes.append((None,))
-        expected = " or ".join(
-            "[" + ", ".join(["rows"] + [str(d) for d in s[1:]]) + "]"
-            for s in shapes
-        )
+        allowed = _validation.target_shapes(loss_kind, output_shape)
+        shapes = [(None,) + s for s in allowed]
+        expected = " or ".join(_validation.describe_shape(["rows"], s) for s in allowed)
         self.check(
             lambda: tf.reduce_any(tf.stack([_has_shape(y, s) for s in shapes])),
             f"Expected `support_y` of shape {expected}. "
@@ -584,26 +576,6 @@ def _example_spec(net, input_signature):
             f"model with {len(inputs)} inputs."
         )
     return tuple(inputs[0].shape[1:]), tf.as_dtype(inputs[0].dtype)
-
-
-def _output_shape(net, example_shape, x_dtype):
-    outputs = getattr(net, "outputs", None)
-    if outputs:
-        if len(outputs) != 1:
-            raise ValueError(
-                "Expected the wrapped model to have a single output. "
-                f"Received a model with {len(outputs)} outputs."
-            )
-        return tuple(outputs[0].shape[1:])
-    spec = net.compute_output_spec(
-        keras.KerasTensor((None,) + example_shape, x_dtype.name)
-    )
-    if isinstance(spec, (list, tuple, dict)):
-        raise ValueError(
-            "Expected the wrapped model to have a single output. Received "
-            f"outputs {spec}."
-        )
-    return tuple(spec.shape[1:])
 
 
 def _target_spec(loss_kind, output_shape):

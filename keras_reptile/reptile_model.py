@@ -1,14 +1,29 @@
-"""`ReptileModel`: meta-learning (Reptile, FOMAML, MAML) as a Keras model."""
+"""`ReptileModel`: meta-learning (Reptile, FOMAML, MAML) as a Keras model.
 
-import inspect
-import warnings
-from typing import Any
-from typing import NamedTuple
+The model holds the settings, the config and Keras's hooks, runs the three
+steps and applies the outer update. The work is done by collaborators that
+never see the model, each testable on its own:
+
+* `_task_adapter`: adapts θ to tasks (one by one or batched) and predicts
+  their query sets, for the steps, `adapt()`, `adapt_and_predict()` and
+  export; `algorithms` turns the adapted tasks into the outer gradient;
+* `_inner_state`: where each task's inner optimizer starts, and the state
+  carried across meta-steps;
+* `_validation`: every check of episodes, arrays and arguments;
+* `_distribution`: replica shares and cross-replica writes;
+* `_step_functions`: trace keys, the XLA choice and fallback, cached
+  `tf.function`s; `_finite_guard`: never applying a non-finite meta-step.
+"""
 
 import keras
 import tensorflow as tf
 
 from keras_reptile import _compat
+from keras_reptile import _distribution
+from keras_reptile import _inner_state
+from keras_reptile import _step_functions
+from keras_reptile import _task_adapter
+from keras_reptile import _validation
 from keras_reptile import algorithms
 from keras_reptile import batched_tasks as batched_tasks_lib
 from keras_reptile import export as export_lib
@@ -16,23 +31,8 @@ from keras_reptile import heads
 from keras_reptile import inner_loop
 from keras_reptile._finite_guard import NonFiniteGuard
 from keras_reptile._losses import loss_kind
-from keras_reptile._validation import check_class_labels
-from keras_reptile._validation import check_finite_rows
-from keras_reptile._validation import check_numeric
+from keras_reptile._validation import EPISODE_KEYS
 from keras_reptile._validation import check_positive_int
-
-EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
-
-
-class _Settings(NamedTuple):
-    """How one kind of call adapts: training, or evaluation and adaptation."""
-
-    steps: Any
-    batch_size: int
-    transductive: bool
-    # Recompute each inner step's activations in the backward pass (memory
-    # for time, for algorithms that differentiate through the inner loop).
-    recompute: bool = False
 
 
 def _fixed_at_construction(name):
@@ -53,6 +53,18 @@ def _fixed_at_construction(name):
         )
 
     return property(get, refuse)
+
+
+def _checked_setting(name, check):
+    """A setting that may change after construction, checked on assignment."""
+
+    def get(self):
+        return getattr(self, "_" + name)
+
+    def set(self, value):
+        setattr(self, "_" + name, check(name, value))
+
+    return property(get, set)
 
 
 @keras.saving.register_keras_serializable(package="keras_reptile")
@@ -90,18 +102,15 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
     `adapt_and_predict()` the adapted model's query outputs.
 
     `compile(jit_compile="auto")` (Keras's default) compiles the meta-step
-    with XLA also on machines without accelerators, where Keras would not:
-    the meta-step is many small ops that XLA fuses: 1.6-2.3x faster at the
-    paper's 5-way settings on a 2-core CPU, as fast at 20-way, where the
-    inner batches are larger (see the README's speed table). It stays off
-    where XLA cannot compile the step: several replicas, layers without XLA
-    support, or a second-order gradient through a `tf.while_loop` (MAML
-    with more than `keras_reptile.inner_loop.MAX_UNROLLED_STEPS` inner
-    steps); if XLA still fails on an op Keras cannot see (such as
-    `tf.numpy_function`), the step falls back to the plain graph with a
-    warning.
-    Evaluation and prediction keep Keras's own choice. An explicit
-    `jit_compile=True` or `False` applies to every step.
+    with XLA also on machines without accelerators, where Keras would not
+    (the meta-step is many small ops that XLA fuses). It stays off where XLA
+    cannot compile the step: several replicas, layers without XLA support,
+    or a second-order gradient through a `tf.while_loop` (MAML with more
+    than `keras_reptile.inner_loop.MAX_UNROLLED_STEPS` inner steps); if XLA
+    still fails on an op Keras cannot see (such as `tf.numpy_function`), the
+    step falls back to the plain graph with a warning. Evaluation and
+    prediction keep Keras's own choice. An explicit `jit_compile=True` or
+    `False` applies to every step.
 
     Non-trainable state is handled as follows:
 
@@ -187,11 +196,6 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
             and leave it unchanged. The state is saved with the model. Needs
             a built `model`; the state is tied to its trainable variables and
             the inner optimizer's type and options. Fixed at construction.
-
-    The step and evaluation settings (`inner_steps`, `inner_batch_size`,
-    `eval_inner_steps`, `eval_inner_batch_size`, `transductive`) may be
-    changed after construction; the next `fit`, `evaluate`, `predict`,
-    `adapt` or export uses the new values.
         algorithm: `"reptile"` (default), `"fomaml"`, `"maml"` or a
             `keras_reptile.algorithms.MetaAlgorithm` such as
             `MAML(first_order=True)`.
@@ -199,6 +203,11 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
             to set the final Dense layer from each task's support set before
             adapting; needs a classification loss.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
+
+    The step and evaluation settings (`inner_steps`, `inner_batch_size`,
+    `eval_inner_steps`, `eval_inner_batch_size`, `transductive`) may be
+    changed after construction; the next `fit`, `evaluate`, `predict`,
+    `adapt` or export uses the new values.
 
     Example:
 
@@ -238,48 +247,10 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         batched_tasks="auto",
         **kwargs,
     ):
-        if not isinstance(model, keras.Model):
-            raise TypeError(
-                "Expected `model` to be a `keras.Model`. Received: "
-                f"model={model!r} of type {type(model).__name__}"
-            )
-        if isinstance(model, ReptileModel):
-            raise TypeError(
-                "Expected `model` to be the network to meta-train, not "
-                "another `ReptileModel`. Received: model=" + model.name
-            )
-        outputs = getattr(model, "outputs", None)
-        if model.built and outputs is not None and len(outputs) != 1:
-            raise ValueError(
-                "Expected `model` to have a single output. Received a model "
-                f"with {len(outputs)} outputs."
-            )
-        if parallel_tasks != "auto" and not isinstance(parallel_tasks, bool):
-            raise ValueError(
-                'Expected `parallel_tasks` to be "auto", True or False. '
-                f"Received: parallel_tasks={parallel_tasks!r}"
-            )
-        if batched_tasks != "auto" and not isinstance(batched_tasks, bool):
-            raise ValueError(
-                'Expected `batched_tasks` to be "auto", True or False. '
-                f"Received: batched_tasks={batched_tasks!r}"
-            )
-        if not isinstance(carry_inner_optimizer_state, bool):
-            raise TypeError(
-                "Expected `carry_inner_optimizer_state` to be a bool. Received: "
-                f"carry_inner_optimizer_state={carry_inner_optimizer_state!r}"
-            )
-        if carry_inner_optimizer_state and not (
-            model.built and model.trainable_variables
-        ):
-            # The carried state is made from the model's variables, up front,
-            # so that it exists in every code path and in saved models.
-            raise ValueError(
-                "Expected a built `model` with trainable variables when "
-                "`carry_inner_optimizer_state=True`. Received a model with "
-                f"built={model.built} and {len(model.trainable_variables)} "
-                "trainable variables. Build it first, e.g. call it on a batch."
-            )
+        _validation.check_network(model, ReptileModel)
+        _validation.check_auto_or_bool("parallel_tasks", parallel_tasks)
+        _validation.check_auto_or_bool("batched_tasks", batched_tasks)
+        _validation.check_carry_inner_optimizer_state(carry_inner_optimizer_state, model)
         algorithm = algorithms.get(algorithm)
         head = heads.get(head)
         if head is not None and model.built:
@@ -304,12 +275,17 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         self._carry_inner_optimizer_state = carry_inner_optimizer_state
         self._algorithm = algorithm
         self._head = head
-        self._adapt_functions = {}
         self._jit_request = "auto"
-        self._step_keys = {}
-        self._inner_state = None
+        self._step_keys = _step_functions.StepKeys()
+        self._functions = _step_functions.FunctionCache()
         self._finite_guard = None
-        self._create_inner_state()
+        # The carried inner-optimizer state is made up front, so that it
+        # exists in every code path and in saved models.
+        self._carried = (
+            _inner_state.CarriedInnerState(self.add_weight, self._inner_rule())
+            if carry_inner_optimizer_state
+            else None
+        )
         if model.built:
             self.built = True
             self._check_batched_tasks()
@@ -326,52 +302,11 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
 
     # Read by the traced steps: a change makes the next call trace anew
     # (`_trace_settings` is part of every trace's key).
-    @property
-    def inner_steps(self):
-        return self._inner_steps
-
-    @inner_steps.setter
-    def inner_steps(self, value):
-        self._inner_steps = check_positive_int("inner_steps", value)
-
-    @property
-    def inner_batch_size(self):
-        return self._inner_batch_size
-
-    @inner_batch_size.setter
-    def inner_batch_size(self, value):
-        self._inner_batch_size = check_positive_int("inner_batch_size", value)
-
-    @property
-    def eval_inner_steps(self):
-        return self._eval_inner_steps
-
-    @eval_inner_steps.setter
-    def eval_inner_steps(self, value):
-        self._eval_inner_steps = check_positive_int("eval_inner_steps", value)
-
-    @property
-    def eval_inner_batch_size(self):
-        return self._eval_inner_batch_size
-
-    @eval_inner_batch_size.setter
-    def eval_inner_batch_size(self, value):
-        self._eval_inner_batch_size = check_positive_int(
-            "eval_inner_batch_size", value
-        )
-
-    @property
-    def transductive(self):
-        return self._transductive
-
-    @transductive.setter
-    def transductive(self, value):
-        if not isinstance(value, bool):
-            raise TypeError(
-                "Expected `transductive` to be a bool. Received: "
-                f"transductive={value!r}"
-            )
-        self._transductive = value
+    inner_steps = _checked_setting("inner_steps", check_positive_int)
+    inner_batch_size = _checked_setting("inner_batch_size", check_positive_int)
+    eval_inner_steps = _checked_setting("eval_inner_steps", check_positive_int)
+    eval_inner_batch_size = _checked_setting("eval_inner_batch_size", check_positive_int)
+    transductive = _checked_setting("transductive", _validation.check_python_bool)
 
     def _trace_settings(self):
         # Everything a trace bakes in besides input shapes: a re-compile (new
@@ -391,12 +326,16 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
 
     def _train_settings(self):
         # Training reports query metrics in training mode: one cheap pass.
-        return _Settings(self.inner_steps, self.inner_batch_size, True,
-                         self.algorithm.recompute_inner_steps)
+        return _task_adapter.Settings(
+            self.inner_steps, self.inner_batch_size, True,
+            self.algorithm.recompute_inner_steps,
+        )
 
     def _eval_settings(self, steps=None):
         steps = self.eval_inner_steps if steps is None else steps
-        return _Settings(steps, self.eval_inner_batch_size, self.transductive)
+        return _task_adapter.Settings(
+            steps, self.eval_inner_batch_size, self.transductive
+        )
 
     # ------------------------------------------------------------------
     # Keras model API
@@ -444,62 +383,39 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         )
         return cls(**config)
 
-    # Keras traces its step functions with `reduce_retracing=True`: a second
-    # meta-batch size would be traced as `None`, and the tasks of a meta-batch
-    # are unrolled, so each entry point retraces for a new meta-batch size,
-    # and for changed settings.
+    # Each entry point checks its data and drops a step traced for another
+    # meta-batch size or settings (`_before`), then runs Keras's own.
     def fit(self, *args, **kwargs):
-        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
-        validation = _episode_element(bound.arguments.get("validation_data"))
-        self._check_replica_split(_meta_batch_size(validation))
-        self._prepare_step("train", bound.arguments.get("x"))
-        self._check_training_data(bound.arguments.get("x"), validation)
-        self._check_callbacks(bound.arguments.get("callbacks"))
+        arguments = _step_functions.bound_arguments(keras.Model.fit, self, args, kwargs)
+        self._before("train", arguments.get("x"), validation_data=arguments.get(
+            "validation_data"), callbacks=arguments.get("callbacks", ()))
         return super().fit(*args, **kwargs)
 
-    def _check_callbacks(self, callbacks):
-        # Keras's ReduceLROnPlateau fails only at its first reduction, many
-        # epochs into the run, when the learning rate is a schedule.
-        schedule = _compat.raw_learning_rate(self.optimizer)
-        for callback in callbacks or []:
-            if isinstance(callback, keras.callbacks.ReduceLROnPlateau) and isinstance(
-                schedule, keras.optimizers.schedules.LearningRateSchedule
-            ):
-                raise ValueError(
-                    "`ReduceLROnPlateau` cannot lower a learning-rate schedule: "
-                    "compile with a float outer learning rate to use it, or "
-                    "drop the callback to keep the schedule. Received: "
-                    f"learning_rate={schedule!r}"
-                )
-
     def evaluate(self, *args, **kwargs):
-        bound = inspect.signature(keras.Model.evaluate).bind(self, *args, **kwargs)
-        self._prepare_step("test", bound.arguments.get("x"))
-        self._check_episode_data("x", bound.arguments.get("x"))
+        self._before("test", _step_functions.bound_arguments(
+            keras.Model.evaluate, self, args, kwargs).get("x"))
         return super().evaluate(*args, **kwargs)
 
     def predict(self, *args, **kwargs):
-        bound = inspect.signature(keras.Model.predict).bind(self, *args, **kwargs)
-        self._prepare_step("predict", bound.arguments.get("x"))
+        self._before("predict", _step_functions.bound_arguments(
+            keras.Model.predict, self, args, kwargs).get("x"))
         return super().predict(*args, **kwargs)
 
     def train_on_batch(self, x, *args, **kwargs):
-        self._prepare_step("train", x, is_batch=True)
-        self._check_training_data(x, is_batch=True)
+        self._before("train", x, is_batch=True)
         return super().train_on_batch(x, *args, **kwargs)
 
     def test_on_batch(self, x, *args, **kwargs):
-        self._prepare_step("test", x, is_batch=True)
-        self._check_episode_data("x", x, is_batch=True)
+        self._before("test", x, is_batch=True)
         return super().test_on_batch(x, *args, **kwargs)
 
     def predict_on_batch(self, x):
-        self._prepare_step("predict", x, is_batch=True)
+        self._before("predict", x, is_batch=True)
         return super().predict_on_batch(x)
 
     def compile(self, *args, **kwargs):
-        bound = inspect.signature(keras.Model.compile).bind(self, *args, **kwargs)
-        self._jit_request = bound.arguments.get("jit_compile", "auto")
+        self._jit_request = _step_functions.bound_arguments(
+            keras.Model.compile, self, args, kwargs).get("jit_compile", "auto")
         super().compile(*args, **kwargs)
         # Saved as asked, so a loaded model resolves "auto" again.
         _compat.record_compile_argument(self, "jit_compile", self._jit_request)
@@ -513,68 +429,32 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def _train_jit_compile(self):
-        """Whether the meta-step is compiled with XLA.
-
-        An explicit `compile(jit_compile=...)` decides. On `"auto"` Keras
-        turns XLA off on machines without accelerators; the meta-step is
-        many small ops that XLA fuses, and on a 2-core CPU it ran 1.6-2.3x
-        faster with XLA at 5-way and no slower at 20-way
-        (benchmarks/meta_step.py), so `"auto"` compiles it
-        with XLA wherever XLA can: one replica, layers that support it, and
-        no second-order gradient through a `tf.while_loop`. Evaluation keeps
-        Keras's choice: its longer inner loop is a `tf.while_loop`, which
-        ran slower under XLA there.
-        """
-        if self._jit_request != "auto" or self.run_eagerly:
-            return self.jit_compile
+        """Whether the meta-step is compiled with XLA (see `_step_functions`)."""
         settings = self._train_settings()
-        return self.jit_compile or (
-            self.distribute_strategy.num_replicas_in_sync == 1
-            and all(layer.supports_jit for layer in _compat.flatten_layers(self))
-            and not _compat.op_determinism_enabled()
-            and not (
-                self.algorithm.differentiates_inner_loop
-                and not inner_loop.is_unrolled(settings.steps, settings.recompute)
-            )
+        return _step_functions.meta_step_uses_xla(
+            self._jit_request,
+            self.jit_compile,
+            self.run_eagerly,
+            self.distribute_strategy.num_replicas_in_sync,
+            all(layer.supports_jit for layer in _compat.flatten_layers(self)),
+            self.algorithm.differentiates_inner_loop
+            and not inner_loop.is_unrolled(settings.steps, settings.recompute),
         )
 
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
-        xla = self._train_jit_compile()
-        step = self._keras_train_function(xla)
         if self._finite_guard is None:
             self._finite_guard = NonFiniteGuard(self.distribute_strategy)
         guard = self._finite_guard
-
-        def train_function(iterator):
-            nonlocal step, xla
-            try:
-                logs = step(iterator)
-            except tf.errors.InvalidArgumentError as error:
-                # Keras's `supports_jit` cannot see every op a layer runs
-                # (e.g. `tf.numpy_function`): an XLA chosen by "auto" that
-                # cannot compile the step gives way to the plain graph.
-                if not (xla and self._jit_request == "auto"
-                        and _compat.is_xla_conversion_error(error)):
-                    raise
-                warnings.warn(
-                    "The meta-step could not be compiled with XLA, which "
-                    '`jit_compile="auto"` chose: '
-                    f"{str(error).strip().splitlines()[0][:300]} Running it without "
-                    "XLA; the meta-batch of the failed attempt was skipped. Pass "
-                    "`compile(jit_compile=False)`, or set `supports_jit = False` "
-                    "on the layer with that op, to skip the attempt.",
-                    stacklevel=2,
-                )
-                xla = False
-                step = self._keras_train_function(False)
-                logs = step(iterator)
+        train_function = _step_functions.with_xla_fallback(
+            self._keras_train_function,
+            self._train_jit_compile(),
+            self._jit_request == "auto",
             # The variable list and message are built only after a failure:
             # this runs after every step.
-            guard.check(self._step_variables, self._kept_description)
-            return logs
-
+            lambda: guard.check(self._step_variables, self._kept_description),
+        )
         _compat.swap_train_function(self, train_function)
         return train_function
 
@@ -590,73 +470,66 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         kept = ["the meta-weights", "the outer optimizer's state"]
         if self.model.non_trainable_variables:
             kept.append("the non-trainable state (e.g. BatchNorm statistics)")
-        if self._inner_state is not None:
+        if self._carried is not None:
             kept.append("the carried inner-optimizer state")
         text = ", ".join(kept[:-1]) + " and " + kept[-1]
         return text[0].upper() + text[1:]
 
-    def _prepare_step(self, kind, data, is_batch=False):
-        """Checks the replica split; drops a step traced for other inputs or settings."""
-        tasks = _meta_batch_size(data, is_batch)
+    def _before(self, kind, x, is_batch=False, validation_data=None, callbacks=None):
+        """Checks a call's data before Keras runs it; drops a step traced for other inputs.
+
+        Args:
+            kind: "train", "test" or "predict".
+            x: The call's data (a dataset, or one batch if `is_batch`).
+            is_batch: Whether `x` is one batch (`*_on_batch`).
+            validation_data: `fit`'s validation data.
+            callbacks: `fit`'s callbacks (None for `train_on_batch`).
+        """
+        validation = _validation.episode_element(validation_data)
+        self._check_replica_split(_validation.meta_batch_size(validation))
+        tasks = _validation.meta_batch_size(x, is_batch)
         self._check_replica_split(tasks)
         if kind == "train":
             self._check_algorithm_supported()
-        previous = self._step_keys.get(kind)
-        if tasks is None and previous is not None:
-            tasks = previous[0]
-        key = (tasks, self._trace_settings())
-        if previous is not None and previous != key:
+        if self._step_keys.changed(kind, tasks, self._trace_settings()):
             getattr(self, f"make_{kind}_function")(force=True)
-        self._step_keys[kind] = key
+        if kind == "test":
+            self._check_episode_data("x", x, is_batch)
+        elif kind == "train":
+            self._check_episode_data("x", x, is_batch)
+            _validation.check_trainable(self.model)
+            if validation is not None:
+                self._check_episode_data("validation_data", validation)
+            if callbacks is not None:
+                _validation.check_callbacks(
+                    callbacks, _compat.raw_learning_rate(self.optimizer)
+                )
 
     def _check_algorithm_supported(self):
-        # Measured: under MirroredStrategy with 2 replicas the second-order
-        # meta-gradient differed from one device's by up to 0.37 (FOMAML's
-        # and Reptile's agree to 1e-5); until that is understood, refuse it.
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        if (
-            replicas > 1
-            and isinstance(self.algorithm, algorithms.MAML)
-            and not self.algorithm.first_order
-        ):
-            raise ValueError(
-                "Second-order MAML is not supported under a distribution "
-                f"strategy with several replicas (this one has {replicas}). "
-                'Use algorithm="fomaml" (MAML(first_order=True)) or "reptile" '
-                f"there. Received: algorithm={self.algorithm!r}"
-            )
+        _validation.check_second_order_replicas(
+            self.algorithm,
+            isinstance(self.algorithm, algorithms.MAML) and not self.algorithm.first_order,
+            self.distribute_strategy.num_replicas_in_sync,
+        )
 
     def _check_replica_split(self, tasks):
         """Raises before any work if `tasks` cannot be split evenly."""
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        if tasks is not None and tasks % replicas:
-            # tf.data splits a batch into near-equal parts, larger ones first.
-            sizes = [tasks // replicas + (i < tasks % replicas) for i in range(replicas)]
-            _raise_uneven_split(sizes)
+        _distribution.check_even_split(
+            tasks, self.distribute_strategy.num_replicas_in_sync
+        )
 
     def _build_from_data(self, data_batch):
         # Called before the first trace (see `_compat.BuildBeforeTrace`):
         # builds the compiled loss, metrics and optimizer from the flat query
         # batch an episode batch stands for, so meta-steps compile once.
-        data_batch = _episode_element(data_batch)
-        strategy = self.distribute_strategy
-        if isinstance(data_batch, dict) and "support_x" in data_batch:
-            sizes = [
-                int(v.shape[0])
-                for v in strategy.experimental_local_results(data_batch["support_x"])
-            ]
-            if len(set(sizes)) > 1:
-                _raise_uneven_split(sizes)
-        data_batch = tf.nest.map_structure(
-            lambda v: tf.convert_to_tensor(strategy.experimental_local_results(v)[0]),
-            data_batch,
-        )
-        episodes = self._unpack_episodes(data_batch)
+        episodes = self._unpack_episodes(_distribution.first_replica_batch(
+            _validation.episode_element(data_batch), self.distribute_strategy
+        ))
         flat = tuple(
             keras.KerasTensor((None,) + tuple(v.shape[2:]), v.dtype.name)
             for v in (episodes["query_x"], episodes["query_y"])
         )
-        with strategy.scope():
+        with self.distribute_strategy.scope():
             _compat.symbolic_build(self, flat)
 
     # ------------------------------------------------------------------
@@ -665,9 +538,8 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
     def train_step(self, data):
         episodes = self._unpack_episodes(data)
         theta, state = self._meta_weights()
-        results = self._run_tasks(
-            episodes, theta, state, self._train_settings(), self.algorithm
-        )
+        engine = self._task_adapter(self._train_settings())
+        results = engine.run(episodes, theta, state, self.algorithm)
         gradient = self.algorithm.outer_gradient(theta, results)
         self._finite_guard.run(
             self._step_variables(),
@@ -678,9 +550,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
 
     def test_step(self, data):
         episodes = self._unpack_episodes(data)
-        theta, state = self._meta_weights()
-        results = self._run_tasks(episodes, theta, state, self._eval_settings())
-        return self._report(episodes, results)
+        return self._report(episodes, self._evaluate_tasks(episodes))
 
     def predict_step(self, data):
         """Outputs at the meta-weights, or query outputs after adaptation.
@@ -691,7 +561,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         `evaluate` does and returns the query outputs, shaped
         `[meta_batch, Q, ...]` per batch.
         """
-        data = _episode_element(data)
+        data = _validation.episode_element(data)
         if not (isinstance(data, dict) and "support_x" in data):
             return super().predict_step(data)
         data = dict(data)
@@ -699,9 +569,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         data["query_y"] = data["support_y"][:, :1]
         episodes = self._unpack_episodes(data, check_query_y=False)
         episodes["query_y"] = None
-        theta, state = self._meta_weights()
-        results = self._run_tasks(episodes, theta, state, self._eval_settings())
-        return tf.stack([r.query_outputs for r in results])
+        return tf.stack([r.query_outputs for r in self._evaluate_tasks(episodes)])
 
     # ------------------------------------------------------------------
     # The meta-step's parts
@@ -712,90 +580,27 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
             _values(self.model.non_trainable_variables),
         )
 
-    def _run_tasks(self, episodes, theta, state, settings, algorithm=None):
-        """Adapts θ to every task of a meta-batch; a `TaskResult` per task.
+    def _evaluate_tasks(self, episodes):
+        """Adapts θ to every task and predicts its query set; `TaskResult`s."""
+        theta, state = self._meta_weights()
+        engine = self._task_adapter(self._eval_settings())
+        return engine.run(episodes, theta, state, batched=self._evaluates_batched())
 
-        The meta-step runs each task through its algorithm's `adapt_task`
-        hook; evaluation (`algorithm=None`) adapts and predicts.
-        """
+    def _task_adapter(self, settings):
+        """The task engine for this model's network, inner optimizer, loss and head."""
         self._check_compiled()
-        if algorithm is None:
-            if self._evaluates_batched():
-                return self._run_tasks_batched(episodes, theta, state, settings)
-            algorithm = _ADAPT_AND_PREDICT
-        query_y = episodes["query_y"]
-        results = []
-        # Integer state (seed generators) is threaded from task to task so
-        # that tasks draw different random numbers.
-        running = list(state)
-        sequential = not self._tasks_run_in_parallel()
-        for b in range(episodes["support_x"].shape[0]):
-            task = [episodes["support_x"][b], episodes["support_y"][b], episodes["query_x"][b]]
-            if sequential and results:
-                # Nothing of task b can start before task b-1 has finished.
-                done = [t for t in tf.nest.flatten(results[-1]) if t is not None]
-                with tf.control_dependencies(done):
-                    task = [tf.identity(t) for t in task]
-            support_x, support_y, query_x = task
-            start = [s if _is_float(s) else r for s, r in zip(state, running)]
-            result = algorithm.adapt_task(
-                lambda th: self._adapt(th, start, support_x, support_y, settings),
-                lambda w, s: self._query(
-                    w, s, query_x, None if query_y is None else query_y[b], settings
-                ),
-                theta,
-            )
-            results.append(result)
-            running = result.adaptation.state
-        return results
-
-    def _adapt(self, theta, state, support_x, support_y, settings):
-        """The one adaptation: head from the support set, inner loop, statistics.
-
-        Used by the meta-step, `evaluate`, `predict`, `adapt()`,
-        `adapt_and_predict()` and the exported signatures.
-        """
-        initial = self._task_start(theta, state, support_x, support_y)
-        weights, state, optimizer_state = inner_loop.adapt(
+        rule = self._inner_rule()
+        return _task_adapter.TaskAdapter(
             self.model,
-            initial,
-            state,
-            support_x,
-            support_y,
-            return_optimizer_state=True,
-            recompute=settings.recompute,
-            **self._inner_loop_arguments(settings),
-        )
-        if not settings.transductive:
-            state = self._support_statistics(weights, state, support_x)
-        if self._inner_state is None:
-            optimizer_state = None
-        return algorithms.Adaptation(initial, weights, state, optimizer_state)
-
-    def _inner_loop_arguments(self, settings):
-        """The inner loop's loss, rule, length, and where its optimizer starts.
-
-        A fresh optimizer, or the carried inner-optimizer state with its
-        iteration count.
-        """
-        optimizer_state, first_iteration = None, 0
-        if self._inner_state is not None:
-            optimizer_state, first_iteration = self._carried_inner_state()
-        return dict(
-            loss_fn=self._task_loss,
-            optimizer=self._inner_rule(),
-            steps=settings.steps,
-            batch_size=settings.batch_size,
-            optimizer_state=optimizer_state,
-            first_iteration=first_iteration,
-        )
-
-    def _task_start(self, theta, state, support_x, support_y):
-        """The weights a task's inner loop starts from: θ, or θ with the head set."""
-        if self.head is None:
-            return theta
-        return self.head.initial_weights(
-            self.model, theta, state, support_x, self._head_labels(support_y)
+            rule,
+            self._task_loss,
+            settings,
+            head=self.head,
+            one_hot_targets=loss_kind(self.loss)[0] == "categorical",
+            inner_start=(
+                _inner_state.FRESH if self._carried is None else self._carried.read(rule)
+            ),
+            parallel=self._tasks_run_in_parallel(),
         )
 
     def _evaluates_batched(self):
@@ -811,117 +616,28 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         return batched_tasks_lib.unsupported_reason(self.model, self._inner_rule())
 
     def _check_batched_tasks(self):
-        reason = self._batched_tasks_reason() if self.batched_tasks is True else None
-        if reason is not None:
-            raise ValueError(
-                "Expected a model and inner optimizer whose tasks can be "
-                "adapted in one batched computation with `batched_tasks=True`, "
-                f"but {reason}. Pass `batched_tasks=\"auto\"` to adapt such "
-                "models task by task."
-            )
-
-    def _run_tasks_batched(self, episodes, theta, state, settings):
-        """`_run_tasks` for evaluation, the inner loops as one computation.
-
-        The head, the support statistics and the query pass are one forward
-        pass each and stay per task; the inner loop, where the time goes,
-        runs for all tasks at once.
-        """
-        support_x, support_y = episodes["support_x"], episodes["support_y"]
-        tasks = support_x.shape[0]
-        initial = [
-            self._task_start(theta, state, support_x[b], support_y[b])
-            for b in range(tasks)
-        ]
-
-        def tiled(value):
-            return tf.tile(value[None], [tasks] + [1] * value.shape.rank)
-
-        arguments = self._inner_loop_arguments(settings)
-        if arguments["optimizer_state"] is not None:
-            arguments["optimizer_state"] = tf.nest.map_structure(
-                tiled, arguments["optimizer_state"]
-            )
-        weights, new_state, _ = batched_tasks_lib.adapt(
-            self.model,
-            [tf.stack(values) for values in zip(*initial)],
-            [tiled(value) for value in state],
-            support_x,
-            support_y,
-            **arguments,
-        )
-        results = []
-        for b in range(tasks):
-            task_weights = [value[b] for value in weights]
-            task_state = [value[b] for value in new_state]
-            if not settings.transductive:
-                task_state = self._support_statistics(
-                    task_weights, task_state, support_x[b]
-                )
-            _, outputs = self._query(
-                task_weights, task_state, episodes["query_x"][b], None, settings
-            )
-            adaptation = algorithms.Adaptation(initial[b], task_weights, task_state)
-            results.append(algorithms.TaskResult(adaptation, outputs))
-        return results
-
-    def _query(self, weights, state, query_x, query_y, settings):
-        """`(loss, outputs)` of adapted weights on a query set.
-
-        Transductive: training mode, BatchNormalization with the query
-        batch's statistics. Otherwise inference mode with the support
-        statistics `_adapt` set, so query examples are predicted
-        independently of each other. The loss is None without targets.
-        """
-        outputs, _ = inner_loop.stateless_call(
-            self.model, weights, state, query_x, training=settings.transductive
-        )
-        loss = None if query_y is None else self._task_loss(query_y, outputs)
-        return loss, outputs
-
-    def _replica_share(self, gradient):
-        # Under tf.distribute each replica adapts an equal share of the tasks
-        # and the optimizer sums gradients across replicas, so each replica
-        # contributes 1/replicas of its local mean. `scale_loss` is the
-        # identity for a plain optimizer; a `LossScaleOptimizer` (mixed
-        # precision) or `loss_scale_factor` divides gradients by the scale,
-        # which these gradients never had.
-        share = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
-        return [self.optimizer.scale_loss(g * share) for g in gradient]
+        if self.batched_tasks is True:
+            _validation.check_batched_tasks_reason(self._batched_tasks_reason())
 
     def _apply_meta_step(self, gradient, results):
-        self.optimizer.apply(self._replica_share(gradient), self.model.trainable_variables)
-        self._update_meta_state(results)
+        """The outer update: θ, the non-trainable state, the carried inner state."""
+        self.optimizer.apply(
+            _distribution.replica_share(self.optimizer, gradient),
+            self.model.trainable_variables,
+        )
+        _distribution.assign_summed(
+            self.model.non_trainable_variables, _task_adapter.state_after(results)
+        )
+        if self._carried is not None:
+            self._carried.assign(_inner_state.after_meta_step(
+                self._carried.read(self._inner_rule()),
+                [r.adaptation.optimizer_state for r in results],
+                self.inner_steps,
+            ))
 
     def _step_variables(self):
         """Every variable a meta-step writes (metrics aside)."""
         return list(self.weights) + list(self.optimizer.variables)
-
-    def _update_meta_state(self, results):
-        """Non-trainable variables and carried inner state after a meta-step."""
-        local_tasks = len(results)
-        share = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
-        states = [r.adaptation.state for r in results]
-        new_state = []
-        for values in zip(*states):
-            if _is_float(values[0]):
-                new_state.append(tf.add_n(list(values)) / local_tasks * share)
-            else:
-                # Seed state advanced by the same number of tasks on every
-                # replica, so it is the same everywhere.
-                new_state.append(values[-1])
-        _assign_across_replicas(self.model.non_trainable_variables, new_state)
-        if self._inner_state is not None:
-            # Every task started from the carried state; carry on from the
-            # mean of where they ended, `inner_steps` iterations later.
-            slots, iterations = self._inner_state
-            variables, values = [iterations], [iterations + self.inner_steps]
-            for key, slot_list in slots.items():
-                for i, slot in enumerate(slot_list):
-                    ends = [r.adaptation.optimizer_state[key][i] for r in results]
-                    variables.append(slot)
-                    values.append(tf.add_n(ends) / local_tasks * share)
-            _assign_across_replicas(variables, values)
 
     def _report(self, episodes, results):
         query_y = episodes["query_y"]
@@ -931,17 +647,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         _compat.loss_tracker(self).update_state(
             loss, sample_weight=tf.shape(y_true)[0]
         )
-        logs = self.compute_metrics(None, y_true, y_pred)
-        if _compat.in_multi_worker_mode(tf.distribute.get_strategy()):
-            # Keras reduces step outputs across workers with
-            # `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars
-            # (tensorflow/tensorflow#72388); over a length-1 axis it is the
-            # mean over replicas, as on one worker.
-            logs = {
-                k: tf.reshape(v, [1]) if v.shape.rank == 0 else v
-                for k, v in logs.items()
-            }
-        return logs
+        return _distribution.logs_for_workers(self.compute_metrics(None, y_true, y_pred))
 
     def _tasks_run_in_parallel(self):
         if self.parallel_tasks != "auto":
@@ -952,104 +658,12 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         return not accelerators
 
     def _task_loss(self, y_true, y_pred):
-        # Keras losses divide by the number of replicas under tf.distribute,
-        # for gradients that are summed across replicas; a task's loss and
-        # its inner loop are local to one replica, so undo that.
-        loss = _compat.compiled_loss(self)(y_true, y_pred)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        return loss * replicas if replicas > 1 else loss
-
-    def _head_labels(self, support_y):
-        """Support targets as the one-hot labels a head is computed from."""
-        if loss_kind(self.loss)[0] == "categorical":
-            return support_y
-        labels = tf.cast(tf.reshape(support_y, [-1]), tf.int32)
-        return tf.one_hot(labels, self.head.units(self.model))
-
-    def _support_statistics(self, weights, state, support_x):
-        """Sets BatchNormalization statistics to the support set's.
-
-        One forward pass in training mode over the whole support set with the
-        layers' momentum at 0, so each layer's moving mean and variance
-        become exactly the batch mean and variance it normalised with.
-        """
-        layers = self._batch_norm_layers()
-        if not layers:
-            return state
-        momenta = [layer.momentum for layer in layers]
-        try:
-            for layer in layers:
-                layer.momentum = 0.0
-            _, state = inner_loop.stateless_call(
-                self.model, weights, state, support_x, training=True
-            )
-        finally:
-            for layer, momentum in zip(layers, momenta):
-                layer.momentum = momentum
-        return list(state)
-
-    def _batch_norm_layers(self):
-        return [
-            layer
-            for layer in _compat.flatten_layers(self.model)
-            if isinstance(layer, keras.layers.BatchNormalization)
-            and layer.trainable
-        ]
+        return _distribution.unscaled_loss(_compat.compiled_loss(self)(y_true, y_pred))
 
     def _inner_rule(self):
         return inner_loop.InnerOptimizer(
             self.inner_optimizer, self.model.trainable_variables
         )
-
-    def _create_inner_state(self):
-        """Variables for the carried inner-optimizer state, if it is carried."""
-        if not self.carry_inner_optimizer_state or self._inner_state is not None:
-            return
-        variables = self.model.trainable_variables
-        initial = self._inner_rule().init([v.value for v in variables])
-        slots = {}
-        for key, values in initial.items():
-            slots[key] = []
-            for variable, value in zip(variables, values):
-                slot = self.add_weight(
-                    shape=variable.shape,
-                    dtype=variable.dtype,
-                    initializer="zeros",
-                    trainable=False,
-                    name=f"inner_{key}_" + variable.path.replace("/", "_"),
-                )
-                slot.assign(value)
-                slots[key].append(slot)
-        iterations = self.add_weight(
-            shape=(), dtype="int64", initializer="zeros", trainable=False,
-            name="inner_iterations",
-        )
-        self._inner_state = (slots, iterations)
-        self._inner_state_for = self._inner_state_key()
-
-    def _inner_state_key(self):
-        # Variables and slot layout; a new learning rate keeps the state valid.
-        return (
-            tuple(v.path for v in self.model.trainable_variables),
-            type(self.inner_optimizer).__name__,
-            tuple(sorted(self._inner_rule().init([]))),
-        )
-
-    def _carried_inner_state(self):
-        """The carried state's tensors, after checking it still fits."""
-        expected, received = self._inner_state_for, self._inner_state_key()
-        if expected != received:
-            raise ValueError(
-                "Expected the trainable variables and the inner optimizer to "
-                "be the ones the carried inner-optimizer state was made for "
-                "(`carry_inner_optimizer_state=True`): variables "
-                f"{list(expected[0])}, {expected[1]} with slots "
-                f"{list(expected[2])}. Received variables {list(received[0])}, "
-                f"{received[1]} with slots {list(received[2])}. Build a new "
-                "`ReptileModel` after freezing layers or changing the optimizer."
-            )
-        slots, iterations = self._inner_state
-        return {k: _values(v) for k, v in slots.items()}, iterations.value
 
     # ------------------------------------------------------------------
     # Adaptation outside `fit`/`evaluate`
@@ -1072,13 +686,9 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         Returns:
             The query outputs, a tensor.
         """
-        theta, state = self._meta_weights()
-        settings = self._eval_settings(steps)
-        adaptation = self._adapt(theta, state, support_x, support_y, settings)
-        _, outputs = self._query(
-            adaptation.weights, adaptation.state, query_x, None, settings
-        )
-        return outputs
+        engine = self._task_adapter(self._eval_settings(steps))
+        adaptation = engine.adapt(*self._meta_weights(), support_x, support_y)
+        return engine.query(adaptation.weights, adaptation.state, query_x)[1]
 
     def adapt(self, support_x, support_y, *, steps=None):
         """Returns a copy of the wrapped model adapted to one task.
@@ -1102,26 +712,13 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         Returns:
             A new `keras.Model` of the same architecture as the wrapped model.
         """
-        support_x, support_y = self._check_support(support_x, support_y)
-        steps = self._check_steps(steps)
-        weights, state = self._compiled_adapt(support_x, support_y, steps)
-        try:
-            adapted = keras.models.clone_model(self.model)
-        except Exception as error:  # Keras raises several types here.
-            raise TypeError(
-                "`adapt()` returns a copy of the wrapped model made with "
-                "`keras.models.clone_model`, which failed for "
-                f"{type(self.model).__name__}: {error}. Subclassed models need "
-                "`get_config()`/`from_config()` to be copied; "
-                "`adapt_and_predict()` works without a copy."
-            ) from error
-        if not adapted.built:
-            adapted.build((None,) + tuple(support_x.shape[1:]))
-        for variable, value in zip(adapted.trainable_variables, weights):
-            variable.assign(value)
-        for variable, value in zip(adapted.non_trainable_variables, state):
-            variable.assign(value)
-        return adapted
+        support_x, support_y, _, _ = self._check_task(support_x, support_y)
+        weights, state = self._compiled_adapt(
+            support_x, support_y, self._check_steps(steps)
+        )
+        return _task_adapter.adapted_copy(
+            self.model, weights, state, support_x.shape[1:]
+        )
 
     def meta_update(self, support_x, support_y, query_x=None, query_y=None):
         """Meta-trains on one new task: a single meta-step on that task alone.
@@ -1190,47 +787,24 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         >>> sorted(logs)
         ['loss']
         """
-        support_x, support_y = self._check_support(support_x, support_y)
-        if query_x is None and query_y is None:
-            if not isinstance(self.algorithm, algorithms.Reptile):
-                raise ValueError(
-                    "Expected `query_x` and `query_y` for a meta-update with "
-                    f"algorithm={self.algorithm!r}: its outer gradient is the "
-                    "gradient of a query loss after adaptation, so it needs "
-                    "query examples besides the support set (hold out part "
-                    "of the task's examples). Reptile (algorithm=\"reptile\") "
-                    "updates from the support set alone. Received: "
-                    "query_x=None, query_y=None"
-                )
+        support_x, support_y, query_x, query_y = self._check_task(
+            support_x, support_y, query_x, query_y, query_targets=True
+        )
+        if query_x is None:
+            _validation.check_query_needed(
+                self.algorithm, not isinstance(self.algorithm, algorithms.Reptile)
+            )
             # Reptile's outer gradient never reads the query set: the support
             # set stands in for it and only shapes the returned logs.
             query_x, query_y = support_x, support_y
-        else:
-            query_x, query_y = self._check_query(support_x, query_x, query_y)
-        # Under tf.distribute each replica adapts its share of a meta-batch:
-        # one copy of the task per replica, and identical copies average to
-        # the task's own update.
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        task = (support_x, support_y, query_x, query_y)
-        episode = {
-            key: tf.stack([value] * replicas) for key, value in zip(EPISODE_KEYS, task)
-        }
-        logs = self.train_on_batch(episode, return_dict=True)
+        task = dict(zip(EPISODE_KEYS, (support_x, support_y, query_x, query_y)))
+        logs = self.train_on_batch(
+            _distribution.one_task_per_replica(
+                task, self.distribute_strategy.num_replicas_in_sync
+            ),
+            return_dict=True,
+        )
         return {key: float(value) for key, value in logs.items()}
-
-    def _check_query(self, support_x, query_x, query_y):
-        """`meta_update`'s query set, checked as `_check_support` checks a support set."""
-        if query_x is None or query_y is None:
-            missing, given = (
-                ("query_x", "query_y") if query_x is None else ("query_y", "query_x")
-            )
-            raise ValueError(
-                "Expected `query_x` and `query_y` together, or neither. "
-                f"Received: {missing}=None with a `{given}`."
-            )
-        query_x = self._check_inputs("query_x", query_x, support_x.shape[1:])
-        query_y = self._check_targets("query", query_x, query_y)
-        return query_x, query_y
 
     def adapt_and_predict(self, support_x, support_y, query_x, *, steps=None):
         """Adapts to a support set and returns the adapted model's query outputs.
@@ -1249,22 +823,15 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         Returns:
             The query outputs as a NumPy array.
         """
-        support_x, support_y = self._check_support(support_x, support_y)
-        query_x = self._check_inputs("query_x", query_x, support_x.shape[1:])
+        support_x, support_y, query_x, _ = self._check_task(
+            support_x, support_y, query_x
+        )
         steps = self._check_steps(steps)
-        key = ("adapt_and_predict", _spec_key(support_x), _spec_key(support_y),
-               _spec_key(query_x), self._trace_settings())
-        if key not in self._adapt_functions:
-            self._adapt_functions[key] = tf.function(
-                self.call_adapted,
-                input_signature=[
-                    _rows_spec(support_x),
-                    _rows_spec(support_y),
-                    _rows_spec(query_x),
-                    tf.TensorSpec([], tf.int32),
-                ],
-            )
-        outputs = self._adapt_functions[key](
+        function = self._functions.get(
+            "adapt_and_predict", self.call_adapted,
+            [support_x, support_y, query_x], self._trace_settings(), scalars=1,
+        )
+        outputs = function(
             support_x, support_y, query_x, tf.constant(steps, tf.int32)
         )
         return keras.ops.convert_to_numpy(outputs)
@@ -1334,48 +901,27 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         )
 
     def _compiled_adapt(self, support_x, support_y, steps):
-        # One trace per example shape and setting; the number of rows and
-        # of steps are tensors, so any support size or step count reuses it.
-        key = ("adapt", _spec_key(support_x), _spec_key(support_y), self._trace_settings())
-        if key not in self._adapt_functions:
-
-            def adapt_fn(support_x, support_y, steps):
-                theta, state = self._meta_weights()
-                # `adapt()`'s copy predicts one example at a time: always the
-                # support statistics.
-                settings = self._eval_settings(steps)._replace(transductive=False)
-                adaptation = self._adapt(theta, state, support_x, support_y, settings)
-                return adaptation.weights, adaptation.state
-
-            self._adapt_functions[key] = tf.function(
-                adapt_fn,
-                input_signature=[
-                    _rows_spec(support_x),
-                    _rows_spec(support_y),
-                    tf.TensorSpec([], tf.int32),
-                ],
+        def adapt_fn(support_x, support_y, steps):
+            # `adapt()`'s copy predicts one example at a time: always the
+            # support statistics.
+            settings = self._eval_settings(steps)._replace(transductive=False)
+            adaptation = self._task_adapter(settings).adapt(
+                *self._meta_weights(), support_x, support_y
             )
-        return self._adapt_functions[key](
-            support_x, support_y, tf.constant(steps, tf.int32)
+            return adaptation.weights, adaptation.state
+
+        function = self._functions.get(
+            "adapt", adapt_fn, [support_x, support_y], self._trace_settings(), scalars=1
         )
+        return function(support_x, support_y, tf.constant(steps, tf.int32))
 
     # ------------------------------------------------------------------
     # Input checks
 
     def _check_compiled(self):
-        if not self.compiled or _compat.compiled_loss(self) is None:
-            raise ValueError(
-                "Call `compile()` with a `loss` before meta-training, "
-                "evaluating or adapting: the inner loop minimises the "
-                "compiled loss."
-            )
-        if self.head is not None and loss_kind(self.loss)[0] is None:
-            raise ValueError(
-                "Expected a classification loss (`SparseCategoricalCrossentropy` "
-                "or `CategoricalCrossentropy`) with `head="
-                f'"prototype"`: the head is made from class means. Received: '
-                f"loss={self.loss!r}"
-            )
+        _validation.check_compiled(
+            self.compiled, _compat.compiled_loss(self), self.loss, self.head
+        )
 
     def _ensure_built(self, example_shape):
         if not self.model.built:
@@ -1384,183 +930,46 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
             self.built = True
 
     def _unpack_episodes(self, data, check_query_y=True):
-        data = _episode_element(data)
-        if not isinstance(data, dict):
-            raise ValueError(
-                "Expected each element of the dataset to be an episode dict "
-                f"with keys {list(EPISODE_KEYS)} (see `keras_reptile.episodes`)."
-                f" Received an element of type {type(data).__name__}."
-            )
-        missing = [k for k in EPISODE_KEYS if k not in data]
-        extra = [k for k in data if k not in EPISODE_KEYS]
-        if missing or extra:
-            raise ValueError(
-                f"Expected episode keys {list(EPISODE_KEYS)}. Received keys "
-                f"{sorted(data)} (missing: {missing}, unexpected: {extra})."
-            )
-        # NumPy arrays reach an eagerly run step unconverted.
-        data = {k: tf.convert_to_tensor(v) for k, v in data.items()}
-        sx, sy, qx, qy = (data[k] for k in EPISODE_KEYS)
-        if sx.shape.rank is None or sx.shape.rank < 2 or qx.shape.rank != sx.shape.rank:
-            raise ValueError(
-                "Expected `support_x` [meta_batch, S, *input_shape] and "
-                "`query_x` [meta_batch, Q, *input_shape] of the same rank. "
-                f"Received: support_x.shape={sx.shape}, query_x.shape={qx.shape}"
-            )
-        meta_batch = sx.shape[0]
-        if meta_batch is None:
-            raise ValueError(
-                "Expected episodes with a static meta-batch size (batch the "
-                "tasks with `drop_remainder=True`). Received: "
-                f"support_x.shape={sx.shape}"
-            )
-        targets = [("support_y", sy, sx)]
-        if check_query_y:
-            targets.append(("query_y", qy, qx))
-        for name, y, x in targets:
-            if y.shape.rank is None or y.shape.rank < 2 or y.shape[:2] != x.shape[:2]:
-                raise ValueError(
-                    f"Expected `{name}` to have shape [meta_batch, rows, ...] "
-                    "matching its inputs. Received: "
-                    f"{name}.shape={y.shape} for inputs of shape {x.shape}"
-                )
-        if sx.shape[2:] != qx.shape[2:]:
-            raise ValueError(
-                "Expected support and query examples of the same shape. "
-                f"Received: support_x.shape={sx.shape}, query_x.shape={qx.shape}"
-            )
-        self._ensure_built(sx.shape[2:])
-        return dict(data)
+        episodes = _validation.check_episodes(data, check_query_y)
+        self._ensure_built(episodes["support_x"].shape[2:])
+        return episodes
 
-    def _check_inputs(self, name, x, example_shape=None):
-        x = tf.convert_to_tensor(x)
-        if not x.dtype.is_floating:
-            x = tf.cast(x, "float32")
-        expected = example_shape
-        if expected is None and self.model.built and getattr(self.model, "inputs", None):
-            expected = tuple(self.model.inputs[0].shape[1:])
-        if x.shape.rank is None or x.shape.rank < 1 or x.shape[0] == 0:
-            raise ValueError(
-                f"Expected `{name}` to be a non-empty batch of examples. "
-                f"Received: {name}.shape={x.shape}"
-            )
-        if expected is not None and not _shape_matches(x.shape[1:], expected):
-            raise ValueError(
-                f"Expected `{name}` of shape [rows, {', '.join(map(str, expected))}]. "
-                f"Received: {name}.shape={tuple(x.shape)}"
-            )
-        check_finite_rows(name, x.numpy())
-        return x
-
-    def _check_support(self, support_x, support_y):
+    def _check_task(self, support_x, support_y, query_x=None, query_y=None,
+                    query_targets=False):
+        """A task's arrays as checked tensors (see `_validation.check_task`)."""
         self._check_compiled()
-        support_x = self._check_inputs("support_x", support_x)
-        self._ensure_built(support_x.shape[1:])
-        support_y = self._check_targets("support", support_x, support_y)
-        return support_x, support_y
-
-    def _check_targets(self, role, x, y):
-        """`y` as a tensor of valid targets for the inputs `x` (role: "support"/"query")."""
-        y = tf.convert_to_tensor(y)
-        if y.shape.rank is None or y.shape.rank < 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"Expected `{role}_y` with one target per {role} example. "
-                f"Received: {role}_x.shape={tuple(x.shape)}, "
-                f"{role}_y.shape={tuple(y.shape)}"
-            )
-        check_numeric(f"`{role}_y`", y.dtype)
-        output_shape = self._output_shape(x.shape[1:], x.dtype)
-        kind = loss_kind(self.loss)[0]
-        if kind == "sparse":
-            if output_shape and output_shape[-1]:
-                check_class_labels(y.numpy(), output_shape[-1], f"{role}_y")
-        else:
-            _check_target_shape(
-                f"`{role}_y`", f"{role}_y.shape", y.shape, 1, output_shape, kind
-            )
-            check_finite_rows(f"{role}_y", y.numpy())
-        return y
+        return _validation.check_task(
+            self.model, loss_kind(self.loss)[0], support_x, support_y, query_x,
+            query_y, build=self._ensure_built, query_targets=query_targets,
+        )
 
     def _output_shape(self, example_shape, dtype):
         """The wrapped model's output shape for one example, e.g. `(5,)`."""
-        # `compute_output_spec` also works for subclassed models without
-        # `compute_output_shape`.
-        spec = self.model.compute_output_spec(
-            keras.KerasTensor((None,) + tuple(example_shape), tf.as_dtype(dtype).name)
-        )
-        return tuple(spec.shape[1:])
-
-    def _check_trainable(self):
-        # Without trainable weights every meta-step would report a loss and
-        # change nothing. An unbuilt model has no weights yet; `fit` builds
-        # it first whenever the episodes' shapes are known.
-        if self.model.built and not self.model.trainable_variables:
-            raise ValueError(
-                "Expected the wrapped model to have trainable weights: there is "
-                "nothing to meta-train. Received a model with no trainable "
-                f"weights ({len(self.model.non_trainable_variables)} "
-                "non-trainable). Set `trainable = True` on the layers to "
-                "meta-train; `evaluate()`, `adapt()` and `predict()` need no "
-                "trainable weights."
-            )
-
-    def _check_training_data(self, x, validation_data=None, is_batch=False):
-        self._check_episode_data("x", x, is_batch)
-        self._check_trainable()
-        if validation_data is not None:
-            self._check_episode_data("validation_data", validation_data)
+        return _validation.output_shape(self.model, example_shape, dtype)
 
     def _check_episode_data(self, source, data, is_batch=False):
-        """Checks the episodes a `fit`/`evaluate` call will read, up front.
+        """Checks the targets of the episodes a `fit`/`evaluate` call will read, up front.
 
-        Target dtypes and shapes come from a dataset's `element_spec` (or the
-        arrays of an in-memory batch). For a sparse loss the labels of the
-        dataset's first element are read too: a label beyond the model's
-        outputs fails inside the step as a bare `InvalidArgumentError`, and
-        in `validation_data` only after a whole epoch of training. Later
-        elements are not read, so a label out of range there still fails
-        inside the step.
+        See `_validation.check_episode_targets`.
         """
-        is_dataset = isinstance(data, tf.data.Dataset)
-        spec = _episode_element(data.element_spec if is_dataset else data)
-        if not (is_dataset or is_batch or isinstance(spec, dict)):
-            return
-        if not isinstance(spec, dict) or any(k not in spec for k in EPISODE_KEYS):
-            return  # `_unpack_episodes` names what is wrong with the element.
+        spec = _validation.episode_spec(data, is_batch)
+        if spec is None:
+            return  # Not episodes: the step's own checks name what is wrong.
         self._check_compiled()
-        support_shape = _shape_of(spec["support_x"])
-        if support_shape.rank is None or support_shape.rank < 3:
-            return
-        example_shape = support_shape[2:]
-        if not example_shape.is_fully_defined():
-            return
+        example = _validation.example_spec(spec)
+        if example is None:
+            return  # Shapes known only once the step runs.
+        example_shape, x_dtype = example
         if not self.model.built:
             with self.distribute_strategy.scope():
-                self._ensure_built(tuple(example_shape))
-        x_dtype = _dtype_of(spec["support_x"])
-        if not x_dtype.is_floating:
-            x_dtype = tf.float32
-        output_shape = self._output_shape(tuple(example_shape), x_dtype)
-        kind = loss_kind(self.loss)[0]
-        for name in ("support_y", "query_y"):
-            where = f"`{source}` `{name}`"
-            check_numeric(where, _dtype_of(spec[name]))
-            if kind != "sparse":
-                _check_target_shape(
-                    where, "shape", _shape_of(spec[name]), 2, output_shape, kind
-                )
-        if kind != "sparse" or not (output_shape and output_shape[-1]):
-            return
-        element = _first_element(data) if is_dataset else spec
-        if element is None:
-            return
-        for name in ("support_y", "query_y"):
-            check_class_labels(
-                keras.ops.convert_to_numpy(element[name]),
-                output_shape[-1],
-                name,
-                source,
-            )
+                self._ensure_built(example_shape)
+        _validation.check_episode_targets(
+            source,
+            data,
+            spec,
+            self._output_shape(example_shape, x_dtype),
+            loss_kind(self.loss)[0],
+        )
 
     def _check_steps(self, steps):
         if steps is None:
@@ -1568,141 +977,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         return check_positive_int("steps", steps)
 
 
-def _assign_across_replicas(variables, values):
-    """Assigns `values` (replica-local sums of shares) to mirrored variables."""
-    context = tf.distribute.get_replica_context()
-    strategy = tf.distribute.get_strategy()
-    if context is None or strategy.num_replicas_in_sync == 1:
-        for variable, value in zip(variables, values):
-            variable.assign(value)
-        return
-    if not variables:
-        return
-    floats = [i for i, v in enumerate(values) if _is_float(v)]
-    # `all_reduce` of an empty list fails under MirroredStrategy.
-    reduced = context.all_reduce(
-        tf.distribute.ReduceOp.SUM, [values[i] for i in floats]
-    ) if floats else []
-    values = list(values)
-    for i, value in zip(floats, reduced):
-        values[i] = value
-
-    def update(strategy, *values):
-        for variable, value in zip(variables, values):
-            strategy.extended.update(
-                variable.value, lambda v, x: v.assign(x), args=(value,), group=False
-            )
-
-    # Keras creates BatchNormalization statistics with aggregation "none",
-    # which cannot be assigned in a replica context: update every copy.
-    context.merge_call(update, args=tuple(values))
-
-
 def _values(variables):
     return [tf.convert_to_tensor(v) for v in variables]
 
 
-def _episode_element(data):
-    """The episode dict of a dataset element or of Keras's `(x, y, w)` triple."""
-    if isinstance(data, (tuple, list)):
-        data = [d for d in data if d is not None]
-        if len(data) == 1:
-            return data[0]
-    return data
-
-
-def _meta_batch_size(data, is_batch=False):
-    """Static task count of an episodic dataset (or batch), else None."""
-    spec = _episode_element(data if is_batch else getattr(data, "element_spec", None))
-    if isinstance(spec, dict) and "support_x" in spec:
-        shape = getattr(spec["support_x"], "shape", None)
-        if shape is not None and tf.TensorShape(shape).rank:
-            return tf.TensorShape(shape)[0]
-    return None
-
-
-def _spec_key(x):
-    return (tuple(x.shape[1:]), x.dtype.name)
-
-
-def _rows_spec(x):
-    return tf.TensorSpec((None,) + tuple(x.shape[1:]), x.dtype)
-
-
-def _raise_uneven_split(sizes):
-    raise ValueError(
-        "Expected the meta-batch to divide evenly across the "
-        f"{len(sizes)} replicas (each replica adapts its share of "
-        f"the tasks). Received a meta-batch of {sum(sizes)} tasks, "
-        f"split as {sizes}. Use a `meta_batch_size` that is a "
-        f"multiple of {len(sizes)}."
-    )
-
-
-def _is_float(x):
-    return x.dtype.is_floating
-
-
-def _shape_of(value):
-    if not hasattr(value, "shape"):
-        value = tf.convert_to_tensor(value)
-    return tf.TensorShape(value.shape)
-
-
-def _dtype_of(value):
-    if not hasattr(value, "dtype"):
-        value = tf.convert_to_tensor(value)
-    return tf.as_dtype(value.dtype)
-
-
-def _first_element(dataset):
-    """The episode dict of a dataset's first element, or None if it is empty."""
-    for element in dataset.take(1):
-        return _episode_element(element)
-    return None
-
-
-def _check_target_shape(name, label, shape, leading, output_shape, kind):
-    """Raises unless targets are `[*rows, *output_shape]` (or `[*rows]` for one output).
-
-    The expectations of the exported `adapt_and_predict` signature: a loss
-    would otherwise broadcast mismatched targets, e.g. train a one-output
-    model on the mean of two target columns.
-
-    Args:
-        name: How the message names the targets, e.g. "`support_y`".
-        label: How it names their shape, e.g. "support_y.shape".
-        shape: The targets' `tf.TensorShape`.
-        leading: Number of leading axes before the per-example shape: 1 for
-            `[rows, ...]`, 2 for episodes `[meta_batch, rows, ...]`.
-        output_shape: The model's output shape for one example.
-        kind: `loss_kind`'s kind: "categorical" or None.
-    """
-    if shape.rank is None:
-        return
-    allowed = [tuple(output_shape)]
-    if kind is None and tuple(output_shape) == (1,):
-        allowed.append(())
-    received = tuple(shape)
-    if len(received) >= leading and any(
-        _shape_matches(received[leading:], a) for a in allowed
-    ):
-        return
-    def describe(suffix, rows=("meta_batch", "rows")[-leading:]):
-        return "[" + ", ".join(list(rows) + [str(d) for d in suffix]) + "]"
-
-    expected = " or ".join(describe(a) for a in allowed)
-    raise ValueError(
-        f"Expected {name} of shape {expected}, matching the model's outputs "
-        f"{describe(output_shape, ['rows'])}. Received: {label}={received}"
-    )
-
-
-def _shape_matches(shape, expected):
-    if len(shape) != len(expected):
-        return False
-    return all(e is None or s is None or s == e for s, e in zip(shape, expected))
-
-
-# Evaluation adapts and predicts; only the meta-step needs an algorithm.
-_ADAPT_AND_PREDICT = algorithms.MetaAlgorithm()
