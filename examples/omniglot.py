@@ -219,7 +219,7 @@ def parse_args(argv=None):
 def load_splits(args, ways):
     if args.train_on == "background":
         train, test = (keras_reptile.datasets.omniglot(
-            None if args.tfds else args.data_dir, splits=split, image_size=args.image_size)
+            None if args.tfds else args.data_dir, splits=(split,), image_size=args.image_size)
             for split in ("background", "evaluation"))
         test_name = f"the evaluation set's {len(test.alphabet_names)} alphabets, never seen"
         train, val = train.split_by_character(train.num_classes // 8, seed=args.seed)

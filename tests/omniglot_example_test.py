@@ -64,6 +64,14 @@ def test_splits_by_character_have_no_within_alphabet_tasks(train_on):
         (5, 1, False), (5, 5, False), (20, 1, False)]
 
 
+def test_the_challenges_setting_holds_out_whole_alphabets():
+    # The background set's alphabets are never tested: within-alphabet tasks too.
+    assert _specs("--preset", "20way1shot", "--train-on", "background", "--head",
+                  "prototype") == [(5, 1, False), (5, 5, False), (20, 1, False), (20, 1, True)]
+    assert _specs("--preset", "20way1shot", "--train-on", "background",
+                  "--protocols", "20way1shot_within") == [(20, 1, True)]
+
+
 def _fake_omniglot(calls, characters_per_alphabet):
     """Stands in for `keras_reptile.datasets.omniglot`: one alphabet per split."""
 
@@ -98,6 +106,24 @@ def test_the_papers_setting_holds_out_all_but_1200_characters(monkeypatch, tfds)
     assert not keys[0] & keys[1] and not keys[0] & keys[2] and not keys[1] & keys[2]
     assert len(keys[0] | keys[1] | keys[2]) == 22
     assert "the paper's split" in test_name
+
+
+def test_the_challenges_setting_trains_on_the_background_set_and_tests_on_the_evaluation_set(
+        monkeypatch):
+    # 16 characters per split: 16 // 8 = 2 background characters validate,
+    # the other 14 meta-train; all 16 evaluation characters test.
+    calls = []
+    monkeypatch.setattr(keras_reptile_datasets, "omniglot", _fake_omniglot(calls, 16))
+    argv = ["--preset", "20way1shot", "--train-on", "background", "--data-dir", "/zips",
+            "--image-size", "4"]
+    train, val, test, test_name = omniglot.load_splits(omniglot.parse_args(argv), 20)
+    assert calls == [dict(data_dir="/zips", splits=(split,), image_size=4)
+                     for split in ("background", "evaluation")]
+    assert (train.num_classes, val.num_classes, test.num_classes) == (14, 2, 16)
+    assert set(train.alphabets) == set(val.alphabets) == {"background_alphabet"}
+    assert set(test.alphabets) == {"evaluation_alphabet"}
+    assert not set(train.characters) & set(val.characters)
+    assert "never seen" in test_name
 
 
 def test_the_papers_setting_refuses_a_data_set_without_enough_characters(monkeypatch):
@@ -234,3 +260,43 @@ def test_paper_table_sets_our_runs_beside_the_papers_and_never_fills_a_gap():
     assert rows[5] == "| 20-way 5-shot | 96.65 / 97.12 | not run | not run | – (200,000) | – |"
     with pytest.raises(ValueError, match="Expected results of runs on the paper's split"):
         paper_table.table([dict(run, train_on="small1")])
+
+
+def test_challenge_table_sets_the_within_alphabet_error_among_its_anchors():
+    import challenge_table
+
+    run = {
+        "train_on": "background", "learner": "fomaml_prototype",
+        "fomaml_prototype": {
+            "20-way 1-shot within one alphabet, non-transductive":
+                {"accuracy": 0.9123, "ci95": 0.0081, "tasks": 1000},
+            "20-way 1-shot within one alphabet, transductive":
+                {"accuracy": 0.871, "ci95": 0.0093, "tasks": 1000},
+            "5-way 1-shot, non-transductive": {"accuracy": 0.98, "ci95": 0.004, "tasks": 1000},
+            "5-way 1-shot, transductive": {"accuracy": 0.985, "ci95": 0.0032, "tasks": 1000},
+            # Only one mode of 20-way 1-shot: no row from half a protocol.
+            "20-way 1-shot, non-transductive": {"accuracy": 0.9, "ci95": 0.01, "tasks": 1000},
+        },
+    }
+    lines = challenge_table.table(run).splitlines()
+    assert lines[2:5] == [
+        "| 20-way 1-shot within one alphabet | 91.2 ± 0.8 | 87.1 ± 0.9 | 1,000 |",
+        "| 5-way 1-shot | 98.0 ± 0.4 | 98.5 ± 0.3 | 1,000 |",
+        "",
+    ]
+    # Errors: 100 - 91.23 = 8.77 sorts between the Siamese ConvNet (8.0) and
+    # a plain ConvNet (13.5); 100 - 87.1 = 12.9 before 13.5 too.
+    assert lines[7:] == [
+        "| Bayesian Program Learning | 3.3 |",
+        "| humans | 4.5 |",
+        "| Siamese ConvNet | 8.0 |",
+        "| keras_reptile (fomaml_prototype), non-transductive | 8.8 ± 0.8 |",
+        "| keras_reptile (fomaml_prototype), transductive | 12.9 ± 0.9 |",
+        "| a plain ConvNet | 13.5 |",
+        "| Prototypical Networks | 13.7 |",
+        "| goal | ≤ 8.0 |",
+    ]
+    with pytest.raises(ValueError, match="meta-trained on the background set only"):
+        challenge_table.table(dict(run, train_on="full"))
+    with pytest.raises(ValueError, match="Expected the run to have measured some of"):
+        challenge_table.table(dict(run, fomaml_prototype={}))
