@@ -148,7 +148,14 @@ class TaskAdapter:
     # One task
 
     def adapt(self, theta, state, support_x, support_y):
-        """One task's `Adaptation`: head, inner loop, support statistics."""
+        """One task's `Adaptation`: head, inner loop, support statistics.
+
+        `theta` holds the network's trainable weights, then the values of
+        the rule's meta-learned `parameters` if it has any (Meta-SGD's
+        learning rates), so that an outer gradient taken with respect to
+        `theta` reaches them too.
+        """
+        theta, rule = self._split(theta)
         initial = self.start(theta, state, support_x, support_y)
         weights, state, optimizer_state = inner_loop.adapt(
             self.network,
@@ -158,7 +165,7 @@ class TaskAdapter:
             support_y,
             return_optimizer_state=True,
             recompute=self.settings.recompute,
-            **self._inner_loop_arguments(),
+            **self._inner_loop_arguments(rule),
         )
         return self._finish(initial, weights, state, optimizer_state, support_x)
 
@@ -248,6 +255,7 @@ class TaskAdapter:
         """
         support_x, support_y = episodes["support_x"], episodes["support_y"]
         tasks = support_x.shape[0]
+        theta, rule = self._split(theta)
         initial = [
             self.start(theta, state, support_x[b], support_y[b]) for b in range(tasks)
         ]
@@ -255,7 +263,7 @@ class TaskAdapter:
         def tiled(value):
             return tf.tile(value[None], [tasks] + [1] * value.shape.rank)
 
-        arguments = self._inner_loop_arguments()
+        arguments = self._inner_loop_arguments(rule)
         if arguments["optimizer_state"] is not None:
             arguments["optimizer_state"] = tf.nest.map_structure(
                 tiled, arguments["optimizer_state"]
@@ -282,11 +290,18 @@ class TaskAdapter:
     # ------------------------------------------------------------------
     # The parts
 
-    def _inner_loop_arguments(self):
+    def _split(self, theta):
+        """`theta`'s network weights, and the rule reading its parameters from the rest."""
+        count = len(self.network.trainable_variables)
+        if len(theta) == count:
+            return theta, self.rule
+        return theta[:count], self.rule.with_parameters(theta[count:])
+
+    def _inner_loop_arguments(self, rule):
         """The inner loop's loss, rule, length, and where its optimizer starts."""
         return dict(
             loss_fn=self.loss_fn,
-            optimizer=self.rule,
+            optimizer=rule,
             steps=self.settings.steps,
             batch_size=self.settings.batch_size,
             optimizer_state=self.inner_start.slots,

@@ -65,6 +65,13 @@ class InnerOptimizer:
             exclusions and the variable constraints.
     """
 
+    # Indices of the weights the rule adapts (ANIL: the head's); None: all.
+    # The inner loop takes no gradient for the others, which stay fixed.
+    adapted = None
+    # Meta-learned variables of the rule itself (Meta-SGD's learning rates),
+    # learned with the meta-weights; a Keras optimizer's rule has none.
+    parameters = ()
+
     def __init__(self, optimizer, variables):
         kind = _SUPPORTED.get(type(optimizer))
         if kind is None:
@@ -83,6 +90,16 @@ class InnerOptimizer:
             and _compat.uses_weight_decay(optimizer, v)
             for v in self.variables
         ]
+
+    def with_parameters(self, values):
+        """The rule with `parameters` read from tensors `values` instead.
+
+        The task engine passes the parameters' values beside the
+        meta-weights, so that an outer gradient reaches them; a rule without
+        parameters is returned unchanged.
+        """
+        del values
+        return self
 
     def learning_rate(self, step):
         """The learning rate Keras would use at 0-based iteration `step`."""
@@ -480,6 +497,7 @@ def minimize(
         steps = tf.constant(steps, tf.int32)
     num_rows = tf.shape(x)[rows_axis]
     offsets = tf.range(batch_size)
+    adapted = optimizer.adapted
 
     def step_fn(t, carry):
         params, state, nt = carry
@@ -489,7 +507,14 @@ def minimize(
         with tf.GradientTape() as tape:
             tape.watch(params)
             loss, new_nt = loss_fn(params, nt, xb, yb)
-        grads = tape.gradient(loss, params)
+        if adapted is None:
+            grads = tape.gradient(loss, params)
+        else:
+            # Only the adapted weights' gradients are computed (ANIL: no
+            # backward pass below the head); `update` keeps the others.
+            grads = [None] * len(params)
+            for i, g in zip(adapted, tape.gradient(loss, [params[i] for i in adapted])):
+                grads[i] = g
         iteration = t
         if not (isinstance(first_iteration, int) and first_iteration == 0):
             iteration = tf.cast(first_iteration, tf.int64) + tf.cast(t, tf.int64)

@@ -30,6 +30,7 @@ from keras_reptile import export as export_lib
 from keras_reptile import heads
 from keras_reptile import inner_loop
 from keras_reptile._finite_guard import NonFiniteGuard
+from keras_reptile._finite_guard import check_adaptation
 from keras_reptile._losses import loss_kind
 from keras_reptile._validation import EPISODE_KEYS
 from keras_reptile._validation import check_positive_int
@@ -248,14 +249,16 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         **kwargs,
     ):
         _validation.check_network(model, ReptileModel)
-        _validation.check_auto_or_bool("parallel_tasks", parallel_tasks)
-        _validation.check_auto_or_bool("batched_tasks", batched_tasks)
-        _validation.check_carry_inner_optimizer_state(carry_inner_optimizer_state, model)
+        parallel_tasks = _validation.check_auto_or_bool("parallel_tasks", parallel_tasks)
+        batched_tasks = _validation.check_auto_or_bool("batched_tasks", batched_tasks)
+        carry_inner_optimizer_state = _validation.check_carry_inner_optimizer_state(
+            carry_inner_optimizer_state, model)
         algorithm = algorithms.get(algorithm)
         head = heads.get(head)
         if head is not None and model.built:
             head.check_model(model)
         inner_optimizer = inner_loop.get_optimizer(inner_optimizer)
+        _validation.check_learning_rate("inner_optimizer", inner_optimizer)
 
         super().__init__(**kwargs)
         self.model = model
@@ -279,8 +282,11 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         self._step_keys = _step_functions.StepKeys()
         self._functions = _step_functions.FunctionCache()
         self._finite_guard = None
-        # The carried inner-optimizer state is made up front, so that it
-        # exists in every code path and in saved models.
+        # Made up front (again in `build` for a model built later), so that
+        # they exist in every code path and in saved models.
+        self._algorithm_variables = algorithm.build(
+            model, self._keras_rule(), self.add_weight
+        )
         self._carried = (
             _inner_state.CarriedInnerState(self.add_weight, self._inner_rule())
             if carry_inner_optimizer_state
@@ -306,7 +312,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
     inner_batch_size = _checked_setting("inner_batch_size", check_positive_int)
     eval_inner_steps = _checked_setting("eval_inner_steps", check_positive_int)
     eval_inner_batch_size = _checked_setting("eval_inner_batch_size", check_positive_int)
-    transductive = _checked_setting("transductive", _validation.check_python_bool)
+    transductive = _checked_setting("transductive", _validation.check_bool)
 
     def _trace_settings(self):
         # Everything a trace bakes in besides input shapes: a re-compile (new
@@ -345,6 +351,10 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
             self.model.build(input_shape)
         if self.head is not None:
             self.head.check_model(self.model)
+        if not self._algorithm_variables:
+            self._algorithm_variables = self.algorithm.build(
+                self.model, self._keras_rule(), self.add_weight
+            )
         self.built = True
 
     def call(self, inputs, training=False):
@@ -417,6 +427,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         self._jit_request = _step_functions.bound_arguments(
             keras.Model.compile, self, args, kwargs).get("jit_compile", "auto")
         super().compile(*args, **kwargs)
+        _validation.check_learning_rate("optimizer", self.optimizer)
         # Saved as asked, so a loaded model resolves "auto" again.
         _compat.record_compile_argument(self, "jit_compile", self._jit_request)
 
@@ -508,7 +519,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
     def _check_algorithm_supported(self):
         _validation.check_second_order_replicas(
             self.algorithm,
-            isinstance(self.algorithm, algorithms.MAML) and not self.algorithm.first_order,
+            self.algorithm.differentiates_inner_loop,
             self.distribute_strategy.num_replicas_in_sync,
         )
 
@@ -576,9 +587,13 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
 
     def _meta_weights(self):
         return (
-            _values(self.model.trainable_variables),
+            _values(self._outer_variables()),
             _values(self.model.non_trainable_variables),
         )
+
+    def _outer_variables(self):
+        """θ, then the algorithm's own meta-learned variables (Meta-SGD's α)."""
+        return list(self.model.trainable_variables) + list(self._algorithm_variables)
 
     def _evaluate_tasks(self, episodes):
         """Adapts θ to every task and predicts its query set; `TaskResult`s."""
@@ -613,7 +628,11 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         return not self.jit_compile and self._batched_tasks_reason() is None
 
     def _batched_tasks_reason(self):
-        return batched_tasks_lib.unsupported_reason(self.model, self._inner_rule())
+        rule = self._inner_rule()
+        if rule.parameters:
+            return ("the inner loop's learning rates are meta-learned per "
+                    "weight entry, which the batched weight layout does not carry")
+        return batched_tasks_lib.unsupported_reason(self.model, rule)
 
     def _check_batched_tasks(self):
         if self.batched_tasks is True:
@@ -623,7 +642,7 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         """The outer update: θ, the non-trainable state, the carried inner state."""
         self.optimizer.apply(
             _distribution.replica_share(self.optimizer, gradient),
-            self.model.trainable_variables,
+            self._outer_variables(),
         )
         _distribution.assign_summed(
             self.model.non_trainable_variables, _task_adapter.state_after(results)
@@ -660,9 +679,14 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
     def _task_loss(self, y_true, y_pred):
         return _distribution.unscaled_loss(_compat.compiled_loss(self)(y_true, y_pred))
 
-    def _inner_rule(self):
+    def _keras_rule(self):
         return inner_loop.InnerOptimizer(
             self.inner_optimizer, self.model.trainable_variables
+        )
+
+    def _inner_rule(self):
+        return self.algorithm.inner_rule(
+            self.model, self._keras_rule(), self._algorithm_variables
         )
 
     # ------------------------------------------------------------------
@@ -716,6 +740,8 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         weights, state = self._compiled_adapt(
             support_x, support_y, self._check_steps(steps)
         )
+        check_adaptation(lambda k: self._compiled_adapt(support_x, support_y, k)[0],
+                         self._check_steps(steps), self.model.trainable_variables, weights=weights)
         return _task_adapter.adapted_copy(
             self.model, weights, state, support_x.shape[1:]
         )
@@ -834,6 +860,8 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
         outputs = function(
             support_x, support_y, query_x, tf.constant(steps, tf.int32)
         )
+        check_adaptation(lambda k: self._compiled_adapt(support_x, support_y, k)[0],
+                         steps, self.model.trainable_variables, outputs=outputs)
         return keras.ops.convert_to_numpy(outputs)
 
     def export(

@@ -37,7 +37,8 @@ def test_submodule_apis():
         "from_arrays", "from_dataset", "from_directory", "from_task_fn",
     ]
     assert sorted(keras_reptile.algorithms.__all__) == [
-        "Adaptation", "MAML", "MetaAlgorithm", "Reptile", "TaskResult", "get", "names",
+        "ANIL", "Adaptation", "MAML", "MetaAlgorithm", "MetaSGD", "Reptile", "TaskResult",
+        "get", "names",
     ]
     assert sorted(keras_reptile.heads.__all__) == ["PrototypeHead", "get"]
     assert keras_reptile.augmentation.__all__ == ["affine_distortions"]
@@ -56,6 +57,8 @@ def test_public_classes_are_registered_for_serialization():
         keras_reptile.ReptileModel,
         keras_reptile.algorithms.Reptile,
         keras_reptile.algorithms.MAML,
+        keras_reptile.algorithms.ANIL,
+        keras_reptile.algorithms.MetaSGD,
         keras_reptile.heads.PrototypeHead,
     ):
         name = keras.saving.get_registered_name(cls)
