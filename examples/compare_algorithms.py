@@ -1,4 +1,4 @@
-"""Reptile, FOMAML and MAML, with and without the prototype head, at equal wall time.
+"""Reptile, FOMAML, MAML, ANIL and Meta-SGD, with and without the prototype head, at equal wall time.
 
 Runs `examples/omniglot.py` once per algorithm x head (each in its own
 process, one after the other) on the same data, episodes and budget of
@@ -20,7 +20,9 @@ width for every run, for the same comparison at another size, e.g.
 
 Common settings: 20-way training tasks of 5 train-shots, 5 inner Adam steps
 (5e-4, beta_1 = 0) of 20, 10 inner steps of 10 at evaluation; Reptile's outer
-SGD epsilon 1 -> 0, FOMAML's and MAML's outer Adam 1e-3 -> 0. Without the
+SGD epsilon 1 -> 0, the others' outer Adam 1e-3 -> 0. ANIL adapts only the
+final layer; Meta-SGD's inner SGD rates start at 0.1 (Li et al. drew them from
+[0.005, 0.1]) and are learned. Without the
 head the network has 20 outputs, so on 5-way tasks the 15 unused outputs stay
 in the softmax (the head removes that limit).
 """
@@ -33,7 +35,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-ALGORITHMS = ("reptile", "fomaml", "maml")
+ALGORITHMS = ("reptile", "fomaml", "maml", "anil", "metasgd")
+# Meta-SGD's inner optimizer is a plain SGD whose rate starts its learned rates.
+META_SGD_INITIAL_RATE = 0.1
 HEADS = ("none", "prototype")
 PROTOCOLS = (("5-way 1-shot", "5way1shot"),
              ("20-way 1-shot within one alphabet", "20way1shot_within"))
@@ -58,7 +62,11 @@ def parse_args(argv=None):
     parser.add_argument("--filters", type=int, default=64,
                         help="Filters of conv4's convolutions (omniglot.py's --filters).")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.algorithms.split(",")) - set(ALGORITHMS))
+    if unknown:
+        parser.error(f"--algorithms: unknown {unknown}; choose among {list(ALGORITHMS)}")
+    return args
 
 
 def run_name(algorithm, head):
@@ -86,6 +94,8 @@ def command(args, algorithm, head, baseline):
         "--backup-dir", os.path.join(runs, "backup"),
         "--export-dir", os.path.join(runs, "saved_model"),
     ]
+    if algorithm == "metasgd":
+        argv += ["--inner-lr", str(META_SGD_INITIAL_RATE)]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
     if baseline:

@@ -145,7 +145,7 @@ def parse_args(argv=None):
                         help="Carry the inner Adam's state across tasks and "
                         "meta-steps, as the paper's code does "
                         "(ReptileModel(carry_inner_optimizer_state=True)).")
-    parser.add_argument("--algorithm", choices=["reptile", "fomaml", "maml"],
+    parser.add_argument("--algorithm", choices=["reptile", "fomaml", "maml", "anil", "metasgd"],
                         default="reptile",
                         help="Meta-learning algorithm (ReptileModel(algorithm=...)).")
     parser.add_argument("--head", choices=["none", "prototype"], default="none",
@@ -274,7 +274,9 @@ def build_model(config, args):
         backbone,
         algorithm=args.algorithm,
         head=None if args.head == "none" else args.head,
-        inner_optimizer=keras.optimizers.Adam(config["inner_lr"], beta_1=0.0),
+        # Meta-SGD learns its own rates, starting from a plain SGD's.
+        inner_optimizer=(keras.optimizers.SGD(config["inner_lr"]) if args.algorithm == "metasgd"
+                         else keras.optimizers.Adam(config["inner_lr"], beta_1=0.0)),
         inner_steps=config["inner_steps"],
         inner_batch_size=config["inner_batch_size"],
         eval_inner_steps=args.eval_inner_steps,
