@@ -48,7 +48,7 @@ def test_submodule_apis():
     assert sorted(keras_reptile.pretrained.__all__) == ["NAMES", "load", "saved_model_path"]
     assert sorted(keras_reptile.datasets.__all__) == [
         "Clinc150", "Omniglot", "OmniglotDownloadError", "clinc150", "omniglot", "sine",
-        "sine_function",
+        "sine_function", "string_episodes",
     ]
 
 

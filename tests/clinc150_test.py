@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from keras_reptile.datasets import clinc150
+from keras_reptile.datasets import string_episodes
 
 REAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "..", "shared", "data", "clinc150")
@@ -145,6 +146,22 @@ def test_missing_or_malformed_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"Expected .*data_full.json to be a JSON file. "
                                          r"Received: a file that is not \(JSONDecodeError"):
         clinc150(root)
+
+
+def test_string_episodes_of_your_own_texts():
+    texts = ["hi", "hello", "hey", "bye", "see you", "ciao"]
+    episode = next(iter(string_episodes(texts, [0, 0, 0, 1, 1, 1], ways=2, shots=1,
+                                        query_shots=2, seed=0)))
+    support = [t.decode() for t in episode["support_x"][0].numpy()]
+    greeting = {"hi", "hello", "hey"}
+    # The label of a greeting is the same in support and query.
+    label = {t in greeting: int(l) for t, l in zip(support, episode["support_y"][0])}
+    for t, l in zip(episode["query_x"][0].numpy(), episode["query_y"][0]):
+        assert label[t.decode() in greeting] == int(l)
+    with pytest.raises(ValueError, match=r"Expected `x` \(texts\) and `y` \(their class ids\) "
+                                         r"to be 1-D and of the same length. Received: "
+                                         r"x.shape=\(3,\), y.shape=\(2,\)"):
+        string_episodes(texts[:3], [0, 1], ways=2, shots=1)
 
 
 @pytest.mark.parametrize("data, domains, message", [

@@ -2,6 +2,7 @@
 
 from keras_reptile.datasets.clinc150 import Clinc150
 from keras_reptile.datasets.clinc150 import clinc150
+from keras_reptile.datasets.clinc150 import string_episodes
 from keras_reptile.datasets.omniglot import Omniglot
 from keras_reptile.datasets.omniglot import OmniglotDownloadError
 from keras_reptile.datasets.omniglot import omniglot
@@ -16,4 +17,5 @@ __all__ = [
     "omniglot",
     "sine",
     "sine_function",
+    "string_episodes",
 ]

@@ -30,7 +30,7 @@ import tensorflow as tf
 from keras_reptile import episodes as episodes_lib
 from keras_reptile._validation import check_positive_int
 
-__all__ = ["Clinc150", "clinc150", "SPLITS"]
+__all__ = ["Clinc150", "clinc150", "string_episodes", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
 _FILES = ("data_full.json", "domains.json")
@@ -167,10 +167,6 @@ class Clinc150:
                 has fewer than `shots + query_shots` utterances in `split`.
             TypeError: If `seed` is not an integer or None.
         """
-        ways = check_positive_int("ways", ways)
-        shots = check_positive_int("shots", shots)
-        query_shots = check_positive_int("query_shots", query_shots)
-        meta_batch_size = check_positive_int("meta_batch_size", meta_batch_size)
         x, y = self.arrays(split)
         return string_episodes(x, y, ways=ways, shots=shots,
                                query_shots=query_shots,
@@ -180,12 +176,54 @@ class Clinc150:
 
 def string_episodes(x, y, *, ways, shots, query_shots=1, meta_batch_size=1,
                     seed=None, names=None, split=None):
-    """N-way K-shot episodes of strings, built with `episodes.from_task_fn`.
+    """N-way K-shot episodes of raw strings from labelled texts (yours or CLINC's).
 
-    `from_arrays` holds numeric features; strings need their own sampling,
-    which draws as it does: classes without replacement, then distinct
-    examples of each, from stateless random ops keyed by the task's seed.
+    `keras_reptile.episodes.from_arrays` holds numeric features; this
+    samples strings the same way, with `episodes.from_task_fn`: each task
+    draws `ways` distinct classes, then `shots + query_shots` distinct texts
+    of each, from stateless random ops keyed by the task's seed, labels
+    them `0..ways-1` in a random order and shuffles the support and the
+    query set.
+
+    Args:
+        x: The texts, a 1-D sequence of `str`.
+        y: Their class ids, a 1-D sequence of integers of the same length.
+        ways: Classes per task.
+        shots: Support texts per class.
+        query_shots: Query texts per class.
+        meta_batch_size: Tasks per dataset element.
+        seed: Integer seed for reproducible episodes, or None.
+        names: Optional class names indexed by class id, for error messages.
+        split: Optional name of the texts' split, for error messages.
+
+    Returns:
+        An infinite `tf.data.Dataset` of episode dicts: `support_x`
+        `[meta_batch_size, ways * shots]` and `query_x`
+        `[meta_batch_size, ways * query_shots]` (`tf.string`), `support_y`
+        and `query_y` (int32) of the same shapes.
+
+    Raises:
+        ValueError: If an argument is not a positive integer, `x` and `y`
+            differ in length or are not 1-D, there are fewer than `ways`
+            classes, or a class has fewer than `shots + query_shots` texts.
+
+    Example:
+
+    >>> texts = ["hi", "hello", "hey", "bye", "see you", "ciao"]
+    >>> tasks = string_episodes(texts, [0, 0, 0, 1, 1, 1], ways=2, shots=1,
+    ...                         query_shots=2, seed=0)
+    >>> tasks.element_spec["support_x"].dtype.name
+    'string'
     """
+    ways = check_positive_int("ways", ways)
+    shots = check_positive_int("shots", shots)
+    query_shots = check_positive_int("query_shots", query_shots)
+    meta_batch_size = check_positive_int("meta_batch_size", meta_batch_size)
+    if np.ndim(x) != 1 or np.ndim(y) != 1 or len(x) != len(y):
+        raise ValueError(
+            "Expected `x` (texts) and `y` (their class ids) to be 1-D and of the "
+            f"same length. Received: x.shape={np.shape(x)}, y.shape={np.shape(y)}"
+        )
     x = np.asarray(x, dtype=object)
     classes, class_of, sizes = np.unique(y, return_inverse=True, return_counts=True)
     where = f" in split {split!r}" if split else ""
