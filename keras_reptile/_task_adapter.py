@@ -204,7 +204,8 @@ class TaskAdapter:
         Args:
             episodes: Dict of `[tasks, rows, ...]` tensors; `query_y` may be
                 None (prediction).
-            theta: The meta-weights, a list of tensors.
+            theta: The meta-weights, a list of tensors (then the rule's
+                parameters' values, if it has any: see `adapt`).
             state: The non-trainable variables' values. Integer state (seed
                 generators) is threaded from task to task so that tasks draw
                 different random numbers.

@@ -1,4 +1,4 @@
-"""`ReptileModel`: meta-learning (Reptile, FOMAML, MAML) as a Keras model.
+"""`ReptileModel`: meta-learning (Reptile, FOMAML, MAML, ANIL, Meta-SGD) as a Keras model.
 
 The model holds the settings, the config and Keras's hooks, runs the three
 steps and applies the outer update. The work is done by collaborators that
@@ -70,7 +70,7 @@ def _checked_setting(name, check):
 
 @keras.saving.register_keras_serializable(package="keras_reptile")
 class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
-    """Meta-trains any Keras model with Reptile, FOMAML or MAML.
+    """Meta-trains any Keras model with Reptile, FOMAML, MAML, ANIL or Meta-SGD.
 
     `fit` takes an episodic dataset (see `keras_reptile.episodes`): each
     element is a meta-batch of tasks with a support and a query set. One
@@ -87,8 +87,10 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
 
     `algorithm` chooses how the outer gradient is made from the adapted
     tasks (see `keras_reptile.algorithms`): `"reptile"` (the above, Nichol
-    et al., 2018), `"fomaml"` (the query loss's gradient at φ) or `"maml"`
-    (the query loss differentiated through the whole inner loop). With
+    et al., 2018), `"fomaml"` (the query loss's gradient at φ), `"maml"`
+    (the query loss differentiated through the whole inner loop), `"anil"`
+    (MAML with an inner loop adapting only the head) or `"metasgd"` (MAML
+    with learned per-weight inner rates, variables of this model). With
     `head="prototype"` every task's inner loop starts from θ with the final
     Dense layer set from the support set's class-mean embeddings (see
     `keras_reptile.heads`), so tasks may have any number of ways up to that
@@ -197,7 +199,8 @@ class ReptileModel(_compat.BuildBeforeTrace, keras.Model):
             and leave it unchanged. The state is saved with the model. Needs
             a built `model`; the state is tied to its trainable variables and
             the inner optimizer's type and options. Fixed at construction.
-        algorithm: `"reptile"` (default), `"fomaml"`, `"maml"` or a
+        algorithm: `"reptile"` (default), `"fomaml"`, `"maml"`, `"anil"`,
+            `"metasgd"` or a
             `keras_reptile.algorithms.MetaAlgorithm` such as
             `MAML(first_order=True)`.
         head: None, or `"prototype"` (a `keras_reptile.heads.PrototypeHead`)
