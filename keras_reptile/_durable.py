@@ -9,6 +9,7 @@ Remote paths (`gs://`, `s3://`) are skipped: a closed object is durable.
 """
 
 import contextlib
+import errno
 import os
 import tempfile
 
@@ -50,7 +51,8 @@ def atomic_write(path, tmp_path=None):
     The file appears at `path` complete or not at all: the block writes the
     temporary file, which is then flushed to disk and renamed over `path`.
     If the block raises, the temporary file is removed and `path` is left as
-    it was. The rename is made durable by `fsync_dir` on the directory, which
+    it was; a full disk is then reported as an `OSError` (`ENOSPC`) saying
+    "no space left on <directory>", whatever words the writer used. The rename is made durable by `fsync_dir` on the directory, which
     is left to the caller (one flush can cover several files).
 
     Args:
@@ -63,8 +65,8 @@ def atomic_write(path, tmp_path=None):
     Yields:
         The path the block must write.
     """
+    directory, name = os.path.split(path)
     if tmp_path is None:
-        directory, name = os.path.split(path)
         fd, tmp_path = tempfile.mkstemp(
             prefix=".tmp-", suffix=os.path.splitext(name)[1], dir=directory or "."
         )
@@ -73,7 +75,35 @@ def atomic_write(path, tmp_path=None):
         yield tmp_path
         fsync_file(tmp_path)
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+        if is_no_space(error):
+            raise no_space_error(path, directory or ".") from error
         raise
+
+
+def is_no_space(error):
+    """Whether `error` says the disk is full, in any of the words writers use.
+
+    h5py, for one, reports a full disk as "Can't close file" with the errno
+    in its message only.
+    """
+    if getattr(error, "errno", None) == errno.ENOSPC:
+        return True
+    text = str(error)
+    return "No space left on device" in text or "errno = 28," in text
+
+
+def no_space_error(path, directory):
+    """The `OSError` for a write of `path` that found its disk full.
+
+    The writer's own words are left to the chained exception: they may name
+    the temporary file rather than `path`.
+    """
+    return OSError(
+        errno.ENOSPC,
+        f"Could not write {path}: no space left on {directory}. The file "
+        "is as it was before the write (its temporary copy was removed); "
+        "free some space and try again.",
+    )

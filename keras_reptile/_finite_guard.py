@@ -118,3 +118,83 @@ def _restore_if(undo, variables, before):
         variables,
         [tf.where(undo, b, tf.convert_to_tensor(v)) for v, b in zip(variables, before)],
     )
+
+
+def check_adaptation(weights_after, steps, variables, weights=None, outputs=None):
+    """Raises if adapting to a task made a weight or an output non-finite.
+
+    `fit`'s guard covers meta-steps; this covers `adapt()` and
+    `adapt_and_predict()`, which would otherwise return a model with NaN
+    weights or NaN predictions without a word. Finite results cost one
+    check; only a non-finite weight makes it rerun adaptations of fewer
+    steps (a bisection), to name the step that broke it.
+
+    Args:
+        weights_after: `weights_after(k)` returns the trainable weights
+            after `k` adaptation steps, in the order of `variables`.
+        steps: The number of steps of the adaptation checked.
+        variables: The wrapped model's trainable variables at the
+            meta-weights (their names go in the message).
+        weights: The adapted weights, if at hand (`adapt`).
+        outputs: The query outputs of the adapted weights (`adapt_and_predict`).
+
+    Raises:
+        FloatingPointError: If a weight or an output is NaN or Inf.
+    """
+    if outputs is not None and _all_finite(outputs):
+        return
+    if weights is not None and all(_all_finite(w) for w in weights):
+        return
+    if not all(_all_finite(v) for v in variables):
+        name = _name(variables, _first_non_finite(variables))
+        raise FloatingPointError(
+            f"Expected finite meta-weights to adapt from. Received: `{name}` "
+            "is already non-finite (NaN or Inf) before adaptation."
+        )
+    if weights is None:
+        weights = weights_after(steps)
+    if all(_all_finite(w) for w in weights):
+        count = int(tf.math.count_nonzero(~tf.math.is_finite(outputs)))
+        raise FloatingPointError(
+            f"Expected finite outputs after adaptation. Received: {count} NaN "
+            f"or Inf values in the query outputs, although all {steps} "
+            "adaptation steps kept every weight finite: the query inputs are "
+            "too large for the model (e.g. values near the float32 limit, "
+            "3.4e38). Scale the inputs as in meta-training."
+        )
+    # The first step after which a weight is non-finite: the weights after
+    # step `low - 1` are finite, those after step `high` are not.
+    low, high = 1, steps
+    while low < high:
+        middle = (low + high) // 2
+        if all(_all_finite(w) for w in weights_after(middle)):
+            low = middle + 1
+        else:
+            high = middle
+    broken = weights if high == steps else weights_after(high)
+    name = _name(variables, _first_non_finite(broken))
+    raise FloatingPointError(
+        f"Adaptation step {high} of {steps} made `{name}` non-finite (NaN or "
+        "Inf), so nothing was returned; the meta-weights are untouched. "
+        "Common causes: an inner learning rate too large for the data, or "
+        "support inputs too large for the model (e.g. values near the "
+        "float32 limit, 3.4e38)."
+    )
+
+
+def _all_finite(value):
+    value = tf.convert_to_tensor(value)
+    if not value.dtype.is_floating:
+        return True
+    return bool(tf.reduce_all(tf.math.is_finite(value)))
+
+
+def _first_non_finite(values):
+    return next(i for i, v in enumerate(values) if not _all_finite(v))
+
+
+def _name(variables, index):
+    if index < len(variables):
+        variable = variables[index]
+        return getattr(variable, "path", getattr(variable, "name", f"weight {index}"))
+    return f"weight {index}"

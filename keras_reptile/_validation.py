@@ -33,11 +33,13 @@ def check_positive_int(name, value):
 
 
 def check_bool(name, value, allow_none=False):
-    """Returns `value` as a bool (or None, if allowed), else raises `TypeError`.
+    """Returns `value` as a Python bool (or None, if allowed), else raises `TypeError`.
 
-    NumPy bools count (a flag read from an array is still a flag); strings,
-    numbers and None do not: `overwrite="no"` is truthy, and a flag that
-    guards a destructive action must not guess.
+    The one rule for flags, everywhere: NumPy bools count (a flag read from
+    an array is still a flag) and come back as Python bools (so a setting
+    saved in a model's config stays JSON); strings, numbers and None do not:
+    `overwrite="no"` is truthy, and a flag that guards a destructive action
+    must not guess.
     """
     if allow_none and value is None:
         return None
@@ -48,6 +50,137 @@ def check_bool(name, value, allow_none=False):
             f"of type {type(value).__name__}"
         )
     return bool(value)
+
+
+def check_learning_rate(name, optimizer):
+    """Raises a `ValueError` unless `optimizer`'s learning rate is finite.
+
+    A NaN or Inf learning rate (a constant, or a schedule's first value)
+    makes every adapted or meta-trained weight NaN, without an error.
+
+    Args:
+        name: How the message names the optimizer, e.g. "inner_optimizer".
+        optimizer: A `keras.optimizers.Optimizer`, or None (nothing to check).
+    """
+    if optimizer is None:
+        return
+    rate = getattr(optimizer, "_learning_rate", None)
+    if rate is None:
+        return
+    what = "learning rate"
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        what = "learning-rate schedule's first value"
+        rate = rate(0)
+    elif callable(rate):
+        what = "learning rate's first value"
+        rate = rate()
+    value = float(keras.ops.convert_to_numpy(rate))
+    if not np.isfinite(value):
+        raise ValueError(
+            f"Expected `{name}` to have a finite learning rate: a NaN or Inf "
+            "one makes every weight it updates NaN. Received: its "
+            f"{what} is {value}"
+        )
+
+
+def dense_array(name, value):
+    """`value` as a real-valued (or other non-complex) NumPy array, or raises.
+
+    Ragged or sparse values would otherwise fail deep inside NumPy or a
+    traced step, and complex ones lose their imaginary part with only a
+    warning.
+
+    Args:
+        name: The argument's name, e.g. "x".
+        value: An array-like, tensor or nested sequence.
+
+    Raises:
+        ValueError: If `value` is ragged (a `tf.RaggedTensor`, or nested
+            sequences of unequal lengths).
+        TypeError: If `value` is a `tf.SparseTensor` or holds complex numbers.
+    """
+    if isinstance(value, tf.RaggedTensor):
+        raise ValueError(
+            f"Expected `{name}` to be a dense array with rows of equal "
+            f"length. Received: a `tf.RaggedTensor` with shape {value.shape} "
+            "(convert it with `.to_tensor()` if padding is meant)"
+        )
+    if isinstance(value, tf.SparseTensor):
+        raise TypeError(
+            f"Expected `{name}` to be a dense array. Received: a "
+            f"`tf.SparseTensor` with dense shape {value.shape} (convert it "
+            "with `tf.sparse.to_dense`)"
+        )
+    try:
+        array = np.asarray(value)
+    except ValueError as error:
+        raise ValueError(
+            f"Expected `{name}` to be a dense array with rows of equal "
+            f"length. Received: a ragged nested sequence ({error})"
+        ) from error
+    if array.dtype == object and any(
+        isinstance(item, (list, tuple, np.ndarray)) for item in array.ravel()
+    ):
+        raise ValueError(
+            f"Expected `{name}` to be a dense array with rows of equal "
+            "length. Received: a ragged nested sequence of "
+            f"{array.shape[0] if array.ndim else 0} rows"
+        )
+    if np.iscomplexobj(array):
+        raise TypeError(
+            f"Expected `{name}` to hold real numbers: the imaginary part "
+            f"would be dropped. Received: {name}.dtype={array.dtype}"
+        )
+    return array
+
+
+def dense_tensor(name, value):
+    """`value` as a dense, non-complex tensor (see `dense_array`), or raises.
+
+    Converted as `tf.convert_to_tensor` converts it (a Python list of floats
+    stays float32), once `dense_array` has found nothing wrong with it.
+    """
+    if not tf.is_tensor(value) or isinstance(
+        value, (tf.RaggedTensor, tf.SparseTensor)
+    ):
+        dense_array(name, value)
+    value = tf.convert_to_tensor(value)
+    if value.dtype.is_complex:
+        raise TypeError(
+            f"Expected `{name}` to hold real numbers: the imaginary part "
+            f"would be dropped. Received: {name}.dtype={value.dtype.name}"
+        )
+    return value
+
+
+def check_group_ids(name, groups):
+    """`groups` as a NumPy array of ids of one kind: numbers or strings.
+
+    NumPy turns a list mixing both into strings, where group 1 and group
+    "1" become one; an object array of them cannot even be sorted.
+    """
+    items = groups
+    if not isinstance(groups, (list, tuple)):
+        items = dense_array(name, groups)
+        if items.dtype != object:
+            return items
+        items = items.ravel().tolist()
+    kinds = {}
+    for item in items:
+        if isinstance(item, (str, bytes, np.str_, np.bytes_)):
+            kinds.setdefault("strings", type(item).__name__)
+        elif isinstance(item, (bool, np.bool_)) or not isinstance(
+            item, (int, float, np.integer, np.floating)
+        ):
+            kinds.setdefault(type(item).__name__, type(item).__name__)
+        else:
+            kinds.setdefault("numbers", type(item).__name__)
+    if len(kinds) > 1 or (kinds and not set(kinds) <= {"strings", "numbers"}):
+        raise TypeError(
+            f"Expected `{name}` to hold ids of one kind: all numbers or all "
+            f"strings. Received: ids of types {sorted(set(kinds.values()))}"
+        )
+    return dense_array(name, groups)
 
 
 # Offending rows listed in an error message; the count is given in full.
@@ -235,6 +368,8 @@ def check_episodes(data, check_query_y=True):
             "Expected support and query examples of the same shape. "
             f"Received: support_x.shape={sx.shape}, query_x.shape={qx.shape}"
         )
+    check_rows("support_x", sx.shape)
+    check_rows("query_x", qx.shape)
     return data
 
 
@@ -254,7 +389,27 @@ def episode_spec(data, is_batch=False):
     spec = episode_element(data.element_spec if is_dataset else data)
     if not isinstance(spec, dict) or any(k not in spec for k in EPISODE_KEYS):
         return None
+    for key in ("support_x", "query_x"):
+        check_rows(key, _shape_of(spec[key]))
     return spec
+
+
+def check_rows(key, shape):
+    """Raises a `ValueError` if episodes of `shape` hold no examples.
+
+    An empty query set reports a loss and accuracy of 0.0 (and gives FOMAML
+    and MAML a zero outer gradient); an empty support set fails inside the
+    step with an integer division by zero.
+
+    Args:
+        key: The episode key, "support_x" or "query_x".
+        shape: Its `tf.TensorShape`, `[meta_batch, rows, *input_shape]`.
+    """
+    if shape.rank is not None and shape.rank >= 2 and shape[1] == 0:
+        raise ValueError(
+            f"Expected `{key}` episodes with at least one example per task. "
+            f"Received: {key}.shape={shape}"
+        )
 
 
 def example_spec(spec):
@@ -319,7 +474,7 @@ def check_examples(name, x, example_shape=None):
         example_shape: The expected shape of one example (`None` entries
             match any size), or None to accept any.
     """
-    x = tf.convert_to_tensor(x)
+    x = dense_tensor(name, x)
     if not x.dtype.is_floating:
         x = tf.cast(x, "float32")
     if x.shape.rank is None or x.shape.rank < 1 or x.shape[0] == 0:
@@ -347,7 +502,7 @@ def check_targets(role, x, y, output_shape, kind):
         output_shape: The model's output shape for one example.
         kind: The loss's kind (`_losses.loss_kind`).
     """
-    y = tf.convert_to_tensor(y)
+    y = dense_tensor(f"{role}_y", y)
     if y.shape.rank is None or y.shape.rank < 1 or y.shape[0] != x.shape[0]:
         raise ValueError(
             f"Expected `{role}_y` with one target per {role} example. "
@@ -480,22 +635,14 @@ def _dtype_of(value):
 # The meta-learner's arguments and state.
 
 
-def check_python_bool(name, value):
-    """Returns `value`, or raises a `TypeError` unless it is a Python bool.
-
-    Stricter than `check_bool`: for settings saved in the model's config,
-    which Keras writes as JSON (a NumPy bool is not JSON).
-    """
-    if not isinstance(value, bool):
-        raise TypeError(
-            f"Expected `{name}` to be a bool. Received: {name}={value!r}"
-        )
-    return value
-
-
 def check_auto_or_bool(name, value):
-    """Returns `value`, or raises unless it is "auto", True or False."""
-    if value != "auto" and not isinstance(value, bool):
+    """Returns "auto" or a Python bool, or raises unless `value` is one.
+
+    NumPy bools count, as in `check_bool`.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if not (isinstance(value, str) and value == "auto"):
         raise ValueError(
             f'Expected `{name}` to be "auto", True or False. '
             f"Received: {name}={value!r}"
@@ -531,8 +678,8 @@ def check_network(network, meta_learner_class):
 
 
 def check_carry_inner_optimizer_state(carry, network):
-    """Raises unless `carry` is a bool, and True only for a built network."""
-    check_python_bool("carry_inner_optimizer_state", carry)
+    """Returns `carry` as a bool; raises unless it is one, True only for a built network."""
+    carry = check_bool("carry_inner_optimizer_state", carry)
     if carry and not (network.built and network.trainable_variables):
         # The carried state is made from the model's variables, up front,
         # so that it exists in every code path and in saved models.
@@ -542,6 +689,7 @@ def check_carry_inner_optimizer_state(carry, network):
             f"built={network.built} and {len(network.trainable_variables)} "
             "trainable variables. Build it first, e.g. call it on a batch."
         )
+    return carry
 
 
 def check_compiled(compiled, compiled_loss, loss, head):

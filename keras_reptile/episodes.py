@@ -26,6 +26,8 @@ import tensorflow as tf
 from keras_reptile import augmentation
 from keras_reptile._validation import EPISODE_KEYS
 from keras_reptile._validation import check_finite_rows
+from keras_reptile._validation import check_group_ids
+from keras_reptile._validation import dense_array
 from keras_reptile._validation import check_positive_int
 from keras_reptile.image_folders import from_directory
 
@@ -114,13 +116,15 @@ def from_arrays(
 
     Raises:
         ValueError: If an argument is out of range, `x`, `y` and `groups`
-            have different lengths, `y` is not a vector of integer labels, a
-            class has fewer than `shots + query_shots` examples, there are
-            fewer than `ways` classes (in any group, when `groups` is given),
-            a class spans several groups, `rotations=True` with non-square
-            features, `x` has NaN or Inf values, or `augment_per` is not
-            `"image"` or `"class"`.
-        TypeError: If `x` or `y` is not numeric, or `seed` is not an integer.
+            have different lengths, `x` is ragged or has fewer than 2 axes,
+            `y` is not a vector of integer labels (float labels beyond int64
+            included), a class has fewer than `shots + query_shots`
+            examples, there are fewer than `ways` classes (in any group, when
+            `groups` is given), a class spans several groups,
+            `rotations=True` with non-square features, `x` has NaN or Inf
+            values, or `augment_per` is not `"image"` or `"class"`.
+        TypeError: If `x` or `y` is not numeric or holds complex numbers,
+            `groups` mixes numbers and strings, or `seed` is not an integer.
 
     Example:
 
@@ -430,8 +434,9 @@ def from_task_fn(task_fn, *, meta_batch_size=1, seed=None):
         TypeError: If `task_fn` is not callable or does not return a dict, or
             `seed` is not an integer.
         ValueError: If `meta_batch_size` is not a positive integer, the dict
-            has missing or unexpected keys, a shape is not fully known, or
-            the support (query) inputs and labels differ in length.
+            has missing or unexpected keys, a shape is not fully known, the
+            support or query set is empty, or the support (query) inputs and
+            labels differ in length.
 
     Example:
 
@@ -495,6 +500,13 @@ def _check_task_spec(spec):
                 f" Received: {key} with shape {shape}"
             )
     for x_key, y_key in (("support_x", "support_y"), ("query_x", "query_y")):
+        # An empty query set would report a loss of 0.0, an empty support
+        # set fail inside the step.
+        if spec[x_key].shape[0] == 0:
+            raise ValueError(
+                f"Expected `task_fn` to return a non-empty {x_key!r} (at least "
+                f"one example). Received: {x_key} with shape {spec[x_key].shape}"
+            )
         if spec[x_key].shape[0] != spec[y_key].shape[0]:
             raise ValueError(
                 f"Expected `{x_key}` and `{y_key}` to have the same number of "
@@ -533,8 +545,8 @@ def _check_seed(seed):
 
 
 def _check_examples(x, y):
-    x = np.asarray(x)
-    y = np.asarray(y)
+    x = dense_array("x", x)
+    y = dense_array("y", y)
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise TypeError(
             "Expected `x` to hold numeric features. "
@@ -542,10 +554,13 @@ def _check_examples(x, y):
         )
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype("float32")
-    if x.ndim < 1:
+    # A model takes a batch of examples of rank >= 1: 1-D features would be
+    # accepted here and fail inside the traced step.
+    if x.ndim < 2:
+        hint = " (one feature per example is `x[:, None]`)" if x.ndim == 1 else ""
         raise ValueError(
             "Expected `x` to have shape [N, *input_shape]. "
-            f"Received: x.shape={x.shape}"
+            f"Received: x.shape={x.shape}{hint}"
         )
     if y.ndim != 1:
         raise ValueError(
@@ -569,6 +584,14 @@ def _check_examples(x, y):
                 "Expected integer class labels in `y`: labels must be "
                 f"integers. Received: y[{bad[0]}]={y[bad[0]]}"
             )
+        # Beyond int64 the cast wraps: 1e20 and 2e20 would become one class.
+        bad = np.flatnonzero(np.abs(y) >= 2.0**63)
+        if bad.size:
+            raise ValueError(
+                "Expected the class labels in `y` to fit in int64 (below "
+                f"2**63 in magnitude). Received: y[{bad[0]}]={y[bad[0]]} "
+                f"among {bad.size} labels out of range"
+            )
         y = y.astype("int64")
     elif not np.issubdtype(y.dtype, np.integer):
         raise TypeError(
@@ -580,7 +603,7 @@ def _check_examples(x, y):
 
 def _class_groups(groups, num_examples, class_ids, class_of_example, n):
     """Returns the group index of each class, checking there is exactly one."""
-    groups = np.asarray(groups)
+    groups = check_group_ids("groups", groups)
     if groups.ndim != 1 or groups.shape[0] != num_examples:
         raise ValueError(
             "Expected `groups` to have one group id per example, shape "

@@ -83,6 +83,7 @@ curl -d '{"signature_name": "adapt_and_predict_steps", "inputs": {
 `examples/serving/` has REST and gRPC clients that build these requests.
 """
 
+import errno
 import logging
 import os
 import re
@@ -188,9 +189,14 @@ def export_saved_model(
     Raises:
         ValueError: If the model is not compiled with a loss or not built,
             has several inputs or outputs, `input_signature`, `max_steps`,
-            `max_support` or `max_query` is invalid, or `filepath` exists,
-            is not empty and `overwrite` is `False`.
-        TypeError: If `model` is not a `ReptileModel`.
+            `max_support` or `max_query` is invalid, `filepath` is empty or
+            cannot be written, or `filepath` exists, is not empty and
+            `overwrite` is `False`.
+        TypeError: If `model` is not a `ReptileModel`, `filepath` is not a
+            `str` or `os.PathLike` (bytes included), or `overwrite` is not a
+            bool.
+        OSError: If the disk fills up while writing (`ENOSPC`, "no space
+            left on <directory>"); nothing is left at `filepath`.
 
     Example:
 
@@ -209,6 +215,8 @@ def export_saved_model(
     outputs = served.adapt_and_predict(support_x, support_y, query_x)["outputs"]
     ```
     """
+    filepath = _check_filepath(filepath)
+    overwrite = _validation.check_bool("overwrite", overwrite)
     if not (
         isinstance(model, keras.Model) and callable(getattr(model, "call_adapted", None))
     ):
@@ -249,8 +257,20 @@ def export_saved_model(
             f"{(None,) + output_shape}"
         )
     y_spec = _target_spec(loss_kind, output_shape)
+    _check_writable(filepath)
 
-    def outputs_dict(outputs):
+    def outputs_dict(outputs, checks):
+        # Finite inputs can still overflow (values near the float32 limit)
+        # or diverge during adaptation: an error, never NaN probabilities.
+        checks.check(
+            lambda: tf.reduce_all(tf.math.is_finite(outputs)),
+            "Expected finite outputs. Received: {} NaN or Inf values in the "
+            "outputs: the inputs are too large for the model, or the "
+            "adaptation diverged (e.g. an inner learning rate too large for "
+            "these inputs).",
+            [tf.math.count_nonzero(tf.logical_not(tf.math.is_finite(outputs)))],
+        )
+        outputs = checks.guard(outputs)
         result = {"outputs": outputs}
         if loss_kind is not None:
             result["probabilities"] = (
@@ -264,7 +284,7 @@ def export_saved_model(
         checks = _Checks()
         x = checks.examples("x", x, example_shape, allow_empty=True)
         x = _as_model_input(checks.guard(x), example_shape)
-        return outputs_dict(net(x, training=False))
+        return outputs_dict(net(x, training=False), checks)
 
     def adapt(support_x, support_y, query_x, steps=None):
         checks = _Checks()
@@ -296,7 +316,7 @@ def export_saved_model(
         else:
             support_y = tf.ensure_shape(support_y, y_spec.shape)
         return outputs_dict(
-            model.call_adapted(support_x, support_y, query_x, steps)
+            model.call_adapted(support_x, support_y, query_x, steps), checks
         )
 
     def adapt_and_predict(support_x, support_y, query_x):
@@ -321,7 +341,7 @@ def export_saved_model(
         adapt_and_predict_steps,
         adapt_specs + [tf.TensorSpec(None, tf.int32, name="steps")],
     )
-    filepath = _write_atomically(archive, os.fspath(filepath), overwrite)
+    filepath = _write_atomically(archive, filepath, overwrite)
     if verbose:
         adapt_inputs = (
             f"support_x {_describe(example_shape, x_dtype, 'S')}, "
@@ -613,7 +633,7 @@ def _write_atomically(archive, filepath, overwrite):
     tmp = os.path.join(parent or ".", _sibling_name(name, "tmp"))
     old = None
     try:
-        archive.write_out(tmp, verbose=False)
+        _write_out(archive, tmp, filepath)
         # Without it, a power cut after the rename could leave the version
         # directory with empty files (file systems may write the rename
         # before the data).
@@ -646,6 +666,75 @@ def _write_atomically(archive, filepath, overwrite):
             if leftover is not None and tf.io.gfile.exists(leftover):
                 tf.io.gfile.rmtree(leftover)
     return filepath
+
+
+def _check_filepath(filepath):
+    """`filepath` as a non-empty `str`, or raises naming it."""
+    path = filepath
+    if isinstance(filepath, os.PathLike):
+        path = os.fspath(filepath)
+    if not isinstance(path, str):
+        hint = " (decode bytes to a `str`)" if isinstance(path, bytes) else ""
+        raise TypeError(
+            "Expected `filepath` to be a directory path, a `str` or "
+            f"`pathlib.Path`. Received: filepath={filepath!r} of type "
+            f"{type(filepath).__name__}{hint}"
+        )
+    if not path.strip():
+        raise ValueError(
+            "Expected `filepath` to be a non-empty directory path. Received: "
+            f"filepath={filepath!r}"
+        )
+    return path
+
+
+def _check_writable(filepath):
+    """Raises before any work if a local `filepath` cannot be created.
+
+    Checks the nearest existing ancestor: a file there, or a directory this
+    process may not write (when the system says so; root may write
+    anywhere), fails now rather than after tracing the signatures.
+    """
+    if not _durable.is_local(filepath):
+        return
+    ancestor = os.path.dirname(os.path.abspath(filepath))
+    while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        reason = f"'{ancestor}' is a file"
+    elif not os.access(ancestor, os.W_OK | os.X_OK):
+        reason = f"'{ancestor}' is not writable"
+    else:
+        return
+    raise ValueError(
+        "Expected `filepath` to be a directory path that can be written. "
+        f"Received: filepath='{filepath}', but {reason}"
+    )
+
+
+def _write_out(archive, tmp, filepath):
+    """`archive.write_out(tmp)`, with errors that name `filepath`, not `tmp`."""
+    try:
+        archive.write_out(tmp, verbose=False)
+    except (OSError, tf.errors.OpError) as error:
+        directory = os.path.dirname(filepath) or "."
+        if _durable.is_no_space(error) or isinstance(
+            error, tf.errors.ResourceExhaustedError
+        ):
+            raise OSError(
+                errno.ENOSPC,
+                f"Could not export to filepath='{filepath}': no space left on "
+                f"{directory}. Nothing was written at '{filepath}' (the "
+                "partial SavedModel was removed).",
+            ) from error
+        reason = getattr(error, "strerror", None) or getattr(
+            error, "message", str(error)
+        )
+        raise ValueError(
+            "Expected `filepath` to be a directory path that can be written. "
+            f"Received: filepath='{filepath}', which cannot be written "
+            f"({str(reason).replace(tmp, filepath)}). Nothing was written there."
+        ) from error
 
 
 # Siblings written by `_write_atomically`, `.<name>.<kind>-<host>-<pid>-<hex>`:

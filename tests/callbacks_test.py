@@ -1004,3 +1004,39 @@ def test_killed_and_terminated_runs_resume_exactly(reference, tmp_path):
     assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
     for key in ("val_loss", "val_accuracy", "meta_step_size"):
         assert [float(r[key]) for r in rows] == reference_history[key]
+
+
+def test_a_full_disk_during_a_backup_leaves_no_torn_file_and_says_so(
+    model, tmp_path, monkeypatch
+):
+    backup_dir = str(tmp_path / "backup")
+    save_weights = type(model).save_weights
+    calls, before = [], {}
+
+    def full_disk_at_the_second_backup(self, filepath, *args, **kwargs):
+        calls.append(filepath)
+        if len(calls) == 1:
+            return save_weights(self, filepath, *args, **kwargs)
+        before.update(_files(backup_dir))
+        # As h5py does when the disk fills up: part of the file is written,
+        # then closing it fails with its own words.
+        save_weights(self, filepath, *args, **kwargs)
+        with open(filepath, "r+b") as f:
+            f.truncate(100)
+        raise OSError(
+            "Unable to synchronously close file (file write failed: errno = "
+            "28, error message = 'No space left on device')"
+        )
+
+    monkeypatch.setattr(type(model), "save_weights", full_disk_at_the_second_backup)
+    with pytest.raises(
+        OSError,
+        match=re.escape(
+            f"Could not write {os.path.join(backup_dir, 'latest.weights.h5')}: "
+            f"no space left on {backup_dir}."
+        ),
+    ):
+        _fit(model, [BackupAndRestore(backup_dir, save_freq=STEPS)])
+    assert len(calls) == 2 and "latest.weights.h5" in before
+    # The first backup, as it was, and nothing beside it.
+    assert _files(backup_dir) == before

@@ -453,10 +453,28 @@ def _mismatched_inputs(seed):
     return task
 
 
+def _empty(role):
+    """A task function whose `{role}_x` and `{role}_y` hold no examples."""
+
+    def task_fn(seed):
+        task = _task_fn(seed)
+        task[f"{role}_x"] = tf.zeros([0, 2])
+        task[f"{role}_y"] = tf.zeros([0])
+        return task
+
+    return task_fn
+
+
 @pytest.mark.parametrize(
     "task_fn, error, match",
     [
         ("not callable", TypeError, "Expected `task_fn` to be a callable"),
+        (_empty("query"), ValueError,
+         r"Expected `task_fn` to return a non-empty 'query_x' \(at least one "
+         r"example\). Received: query_x with shape \(0, 2\)"),
+        (_empty("support"), ValueError,
+         r"Expected `task_fn` to return a non-empty 'support_x' \(at least one "
+         r"example\). Received: support_x with shape \(0, 2\)"),
         (lambda seed: tf.zeros([3]), TypeError, "to return a dict"),
         (_without("query_y"), ValueError, r"missing keys \['query_y'\]"),
         (_with_extra, ValueError, r"unexpected keys \['extra'\]"),
@@ -531,11 +549,55 @@ GOOD = dict(ways=2, shots=1, query_shots=1)
          r"square image features .* input_shape=\(2, 3\)"),
         (X.reshape(13, 9), Y, dict(GOOD, rotations=True), ValueError,
          r"square image features .* input_shape=\(9,\)"),
+        # Issue 27: inputs that were accepted and went wrong later.
+        (np.zeros((30, 2), "float32"), np.repeat([1e20, 2e20, 5.0], 10),
+         dict(GOOD), ValueError,
+         r"Expected the class labels in `y` to fit in int64 \(below 2\*\*63 "
+         r"in magnitude\). Received: y\[0\]=1e\+20 among 20 labels"),
+        (X[:, 0, 0, 0], Y, GOOD, ValueError,
+         r"Expected `x` to have shape \[N, \*input_shape\]. Received: "
+         r"x.shape=\(13,\) \(one feature per example is `x\[:, None\]`\)"),
+        ([[1.0], [2.0, 3.0]], [0, 1], GOOD, ValueError,
+         "Expected `x` to be a dense array with rows of equal length. "
+         "Received: a ragged nested sequence"),
+        (tf.ragged.constant([[1.0], [2.0, 3.0]]), [0, 1], GOOD, ValueError,
+         "Expected `x` to be a dense array with rows of equal length. "
+         r"Received: a `tf.RaggedTensor` with shape \(2, None\)"),
+        (X + 1j, Y, GOOD, TypeError,
+         "Expected `x` to hold real numbers: the imaginary part would be "
+         "dropped. Received: x.dtype=complex64"),
+        (X, Y + 0j, GOOD, TypeError,
+         "Expected `y` to hold real numbers: the imaginary part would be "
+         "dropped. Received: y.dtype=complex128"),
+        (X, Y, dict(GOOD, groups=[0] * 6 + ["a"] * 7), TypeError,
+         r"Expected `groups` to hold ids of one kind: all numbers or all "
+         r"strings. Received: ids of types \['int', 'str'\]"),
+        (X, Y, dict(GOOD, groups=np.array([0] * 6 + ["a"] * 7, object)),
+         TypeError,
+         r"Expected `groups` to hold ids of one kind: all numbers or all "
+         r"strings. Received: ids of types \['int', 'str'\]"),
     ],
 )
 def test_from_arrays_errors(x, y, kwargs, error, match):
     with pytest.raises(error, match=match):
         episodes.from_arrays(x, y, **kwargs)
+
+
+def test_string_group_ids_and_whole_float_labels_near_int64_are_accepted():
+    # Row i holds i, so the rows of a task tell which examples it drew.
+    x = np.arange(6, dtype="float32")[:, None]
+    y = [0.0, 0.0, 2.0**62, 2.0**62, 1.0, 1.0]
+    groups = ["a", "a", "a", "a", "b", "b"]
+    tasks = episodes.from_arrays(x, y, ways=2, shots=1, query_shots=1,
+                                 groups=groups, seed=0)
+    task = next(iter(tasks))
+    # Only group "a" has 2 classes: 0 (rows 0, 1) and 2**62 (rows 2, 3),
+    # kept apart, each with its own label in support and query.
+    rows = np.concatenate([task["support_x"][0, :, 0], task["query_x"][0, :, 0]])
+    labels = np.concatenate([task["support_y"][0], task["query_y"][0]])
+    assert sorted(rows.tolist()) == [0.0, 1.0, 2.0, 3.0]
+    by_class = {label: sorted(rows[labels == label] // 2) for label in (0, 1)}
+    assert sorted(map(tuple, by_class.values())) == [(0.0, 0.0), (1.0, 1.0)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])

@@ -908,3 +908,131 @@ def test_subclassed_model_needs_input_signature(tmp_path):
         model.predict(qx, verbose=0),
         **TOL,
     )
+
+
+# ----------------------------------------------------------------------
+# Issue 27: paths, flags and outputs that are not finite.
+
+
+def _line_model():
+    """y = 2 x, adapted by SGD(0.1) on the mean squared error, one step."""
+    net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    net.set_weights([np.full((1, 1), 2.0, "float32"), np.zeros(1, "float32")])
+    model = ReptileModel(
+        net, inner_optimizer=keras.optimizers.SGD(0.1), eval_inner_steps=1
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+@pytest.mark.parametrize(
+    "filepath, error, match",
+    [
+        ("", ValueError,
+         "Expected `filepath` to be a non-empty directory path. Received: "
+         "filepath=''"),
+        (None, TypeError,
+         r"Expected `filepath` to be a directory path, a `str` or "
+         r"`pathlib.Path`. Received: filepath=None of type NoneType"),
+        (b"models/1", TypeError,
+         r"Received: filepath=b'models/1' of type bytes \(decode bytes to a "
+         r"`str`\)"),
+    ],
+)
+def test_a_filepath_that_is_not_a_path_is_named(filepath, error, match):
+    with pytest.raises(error, match=match):
+        _line_model().export(filepath, verbose=False)
+
+
+def test_overwrite_takes_a_real_bool(tmp_path):
+    model = _line_model()
+    path = model.export(str(tmp_path / "1"), verbose=False)
+    before = sorted(os.listdir(path))
+    with pytest.raises(
+        TypeError,
+        match="Expected `overwrite` to be a bool. Received: overwrite='no' "
+        "of type str",
+    ):
+        model.export(path, verbose=False, overwrite="no")
+    assert sorted(os.listdir(path)) == before
+    assert os.listdir(tmp_path) == ["1"]
+
+
+def test_a_filepath_under_a_file_is_named_before_any_work(tmp_path):
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("data")
+    target = str(blocker / "1")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Expected `filepath` to be a directory path that can be written. "
+            f"Received: filepath='{target}', but '{blocker}' is a file"
+        ),
+    ):
+        _line_model().export(target, verbose=False)
+    assert blocker.read_text() == "data"
+
+
+@pytest.mark.parametrize(
+    "failure, error, match",
+    [
+        (OSError(28, "No space left on device"), OSError,
+         "Could not export to filepath='{target}': no space left on {parent}. "
+         "Nothing was written at '{target}'"),
+        (PermissionError(13, "Permission denied"), ValueError,
+         "Expected `filepath` to be a directory path that can be written. "
+         "Received: filepath='{target}', which cannot be written (Permission "
+         "denied)"),
+    ],
+)
+def test_write_failures_name_the_users_path_and_leave_nothing(
+    tmp_path, monkeypatch, failure, error, match
+):
+    target = str(tmp_path / "models" / "1")
+    os.makedirs(os.path.dirname(target))
+    # The class Keras makes for this backend (`ExportArchive()` is a factory).
+    archive_class = type(keras.export.ExportArchive())
+    write_out = archive_class.write_out
+
+    def failing_write_out(archive, filepath, **kwargs):
+        # Half a SavedModel in the temporary sibling, then the failure.
+        write_out(archive, filepath, **kwargs)
+        failure.filename = filepath
+        raise failure
+
+    monkeypatch.setattr(archive_class, "write_out", failing_write_out)
+    with pytest.raises(error) as raised:
+        _line_model().export(target, verbose=False)
+    message = str(raised.value)
+    assert match.format(target=target, parent=os.path.dirname(target)) in message
+    assert ".tmp-" not in message
+    assert os.listdir(os.path.dirname(target)) == []
+
+
+def test_non_finite_outputs_are_invalid_argument_not_nan(tmp_path):
+    path = _line_model().export(str(tmp_path / "1"), verbose=False)
+    served = tf.saved_model.load(path)
+    one = np.ones((1, 1), "float32")
+    # 2 x 3e38 = 6e38: beyond float32, although the input is finite.
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"Expected finite outputs. Received: 1 NaN or Inf values in the "
+        r"outputs",
+    ):
+        served.signatures["serving_default"](x=np.array([[1.0], [3e38]], "float32"))
+    # Support x = 1e19, y = 0: the kernel's gradient 2 (2e19) 1e19 = 4e38 is
+    # beyond float32, so the adapted kernel is -Inf.
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="Expected finite outputs"
+    ):
+        served.signatures["adapt_and_predict"](
+            support_x=np.array([[1e19]], "float32"),
+            support_y=np.zeros(1, "float32"), query_x=one,
+        )
+    # Finite requests are served as before: x = 1, y = 2 leaves w = 2, b = 0
+    # (residual 0), so the query 3 gives 6.
+    outputs = served.signatures["adapt_and_predict"](
+        support_x=one, support_y=np.full(1, 2.0, "float32"),
+        query_x=np.full((1, 1), 3.0, "float32"),
+    )["outputs"]
+    np.testing.assert_array_equal(outputs, [[6.0]])

@@ -342,3 +342,157 @@ def test_safe_mode_loading_refuses_code_in_a_keras_file_and_runs_none(tmp_path):
     safe = save(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]), "safe.keras")
     loaded = keras.saving.load_model(safe, safe_mode=True)
     assert isinstance(loaded, ReptileModel)
+
+
+# ----------------------------------------------------------------------
+# Issue 27: non-finite adaptation, learning rates, empty episodes, flags,
+# ragged and complex arrays.
+
+
+def _line(eval_inner_steps=3, learning_rate=0.1):
+    """y = w x + b with w = 2, b = 0, adapted by SGD on the mean squared error."""
+    net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, name="line")])
+    net.set_weights([np.full((1, 1), 2.0, "float32"), np.zeros(1, "float32")])
+    model = ReptileModel(
+        net, inner_optimizer=keras.optimizers.SGD(learning_rate),
+        eval_inner_steps=eval_inner_steps, eval_inner_batch_size=1,
+    )
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    return model
+
+
+# One example x = 1e10, y = 0, learning rate 0.1: the residual is r = w x + b
+# and the kernel's gradient 2 r x.
+# Step 1: r = 2e10, gradient 4e20, w = 2 - 4e19 = -4e19 (finite).
+# Step 2: r = -4e29, gradient -8e39: beyond float32 (3.4e38), w = +Inf.
+DIVERGING = (np.array([[1e10]], "float32"), np.array([0.0], "float32"))
+
+
+def test_adaptation_that_makes_a_weight_non_finite_names_the_step():
+    model = _line()
+    before = _weights(model)
+    message = r"Adaptation step 2 of 3 made `[^`]*line/kernel` non-finite \(NaN or Inf\)"
+    with pytest.raises(FloatingPointError, match=message):
+        model.adapt(*DIVERGING)
+    with pytest.raises(FloatingPointError, match=message):
+        model.adapt_and_predict(*DIVERGING, np.ones((2, 1), "float32"))
+    # x = 1e19: the first gradient, 2 (2e19) 1e19 = 4e38, is beyond float32.
+    with pytest.raises(FloatingPointError, match="Adaptation step 1 of 3 made"):
+        model.adapt(DIVERGING[0] * 1e9, DIVERGING[1])
+    _assert_unchanged(model, before)
+
+
+def test_query_outputs_that_overflow_are_an_error_not_inf():
+    model = _line(eval_inner_steps=1)
+    # Support x = 0, y = 0: the residual is b = 0, so nothing moves and
+    # w stays 2; the query 3e38 gives 6e38, beyond float32.
+    support = (np.zeros((1, 1), "float32"), np.zeros(1, "float32"))
+    with pytest.raises(
+        FloatingPointError,
+        match=r"Expected finite outputs after adaptation. Received: 1 NaN or "
+        r"Inf values in the query outputs, although all 1 adaptation steps "
+        r"kept every weight finite",
+    ):
+        model.adapt_and_predict(*support, np.array([[1.0], [3e38]], "float32"))
+    # Finite outputs are returned as before: 2 x.
+    np.testing.assert_array_equal(
+        model.adapt_and_predict(*support, np.array([[1.0], [3.0]], "float32")),
+        [[2.0], [6.0]],
+    )
+
+
+@pytest.mark.parametrize("rate", [float("nan"), float("inf")])
+def test_non_finite_learning_rates_are_refused(rate):
+    net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    with pytest.raises(
+        ValueError,
+        match=r"Expected `inner_optimizer` to have a finite learning rate: a "
+        rf"NaN or Inf one makes every weight it updates NaN. Received: its "
+        rf"learning rate is {rate}",
+    ):
+        ReptileModel(net, inner_optimizer=keras.optimizers.SGD(rate))
+    schedule = keras.optimizers.schedules.ExponentialDecay(rate, 10, 0.5)
+    with pytest.raises(
+        ValueError,
+        match=r"Received: its learning-rate schedule's first value is "
+        rf"{rate}",
+    ):
+        ReptileModel(net, inner_optimizer=keras.optimizers.Adam(schedule))
+    model = ReptileModel(net)
+    with pytest.raises(
+        ValueError,
+        match=r"Expected `optimizer` to have a finite learning rate",
+    ):
+        model.compile(optimizer=keras.optimizers.SGD(schedule), loss="mse")
+
+
+def _one_episode(support_rows, query_rows):
+    episode = {
+        "support_x": np.zeros((1, support_rows, 1), "float32"),
+        "support_y": np.zeros((1, support_rows), "float32"),
+        "query_x": np.zeros((1, query_rows, 1), "float32"),
+        "query_y": np.zeros((1, query_rows), "float32"),
+    }
+    return tf.data.Dataset.from_tensors(episode).repeat()
+
+
+@pytest.mark.parametrize(
+    "support_rows, query_rows, key",
+    [(2, 0, "query_x"), (0, 2, "support_x")],
+)
+def test_empty_support_or_query_sets_are_refused_before_any_step(
+    support_rows, query_rows, key
+):
+    model = _line()
+    before = _weights(model)
+    tasks = _one_episode(support_rows, query_rows)
+    shape = (1, support_rows if key == "support_x" else query_rows, 1)
+    message = (
+        rf"Expected `{key}` episodes with at least one example per task. "
+        rf"Received: {key}.shape=\({shape[0]}, {shape[1]}, {shape[2]}\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        model.fit(tasks, steps_per_epoch=1, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.evaluate(tasks, steps=1, verbose=0)
+    assert int(model.optimizer.iterations) == 0
+    _assert_unchanged(model, before)
+
+
+def test_numpy_bools_are_flags_and_strings_are_not():
+    net = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model = ReptileModel(net, transductive=np.bool_(True),
+                         parallel_tasks=np.bool_(False))
+    assert model.transductive is True and model.parallel_tasks is False
+    assert model.get_config()["transductive"] is True
+    with pytest.raises(
+        TypeError,
+        match=r"Expected `transductive` to be a bool. Received: "
+        r"transductive='yes' of type str",
+    ):
+        model.transductive = "yes"
+
+
+@pytest.mark.parametrize(
+    "support_x, error, match",
+    [
+        ([[1.0], [2.0, 3.0]], ValueError,
+         "Expected `support_x` to be a dense array with rows of equal length. "
+         "Received: a ragged nested sequence"),
+        (tf.ragged.constant([[1.0], [2.0, 3.0]]), ValueError,
+         "Expected `support_x` to be a dense array with rows of equal length. "
+         r"Received: a `tf.RaggedTensor` with shape \(2, None\)"),
+        (np.ones((2, 1)) + 1j, TypeError,
+         "Expected `support_x` to hold real numbers: the imaginary part would "
+         "be dropped. Received: support_x.dtype=complex128"),
+        (tf.complex(tf.ones((2, 1)), tf.ones((2, 1))), TypeError,
+         "Expected `support_x` to hold real numbers: the imaginary part would "
+         "be dropped. Received: support_x.dtype=complex64"),
+    ],
+)
+def test_ragged_or_complex_support_sets_name_the_argument(support_x, error, match):
+    model = _line()
+    before = _weights(model)
+    with pytest.raises(error, match=match):
+        model.adapt(support_x, np.zeros(2, "float32"))
+    _assert_unchanged(model, before)
