@@ -16,7 +16,7 @@ from keras_reptile.evaluation import few_shot_accuracy
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "saved_models", "omniglot")
 DATA = os.path.join(REPO, "..", "shared", "data", "omniglot")
-ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
+ZIPS = ("images_evaluation.zip",)
 
 
 @pytest.fixture
