@@ -475,7 +475,10 @@ def check_examples(name, x, example_shape=None):
             match any size), or None to accept any.
     """
     x = dense_tensor(name, x)
-    if not x.dtype.is_floating:
+    # Raw text, for a model that vectorizes it (a TextVectorization layer),
+    # stays text: no cast, nothing to be non-finite.
+    is_text = x.dtype == tf.string
+    if not x.dtype.is_floating and not is_text:
         x = tf.cast(x, "float32")
     if x.shape.rank is None or x.shape.rank < 1 or x.shape[0] == 0:
         raise ValueError(
@@ -488,7 +491,8 @@ def check_examples(name, x, example_shape=None):
             f"[rows, {', '.join(map(str, example_shape))}]. "
             f"Received: {name}.shape={tuple(x.shape)}"
         )
-    check_finite_rows(name, x.numpy())
+    if not is_text:
+        check_finite_rows(name, x.numpy())
     return x
 
 

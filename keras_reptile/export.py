@@ -554,10 +554,20 @@ def _has_shape(x, dims):
 
 def _as_model_input(x, example_shape):
     x = tf.ensure_shape(x, (None,) + example_shape)
-    if not x.dtype.is_floating:
+    if not x.dtype.is_floating and not _is_text(x):
         # As `ReptileModel.adapt` does with non-float inputs.
         x = tf.cast(x, "float32")
     return x
+
+
+def _is_text(x):
+    """Whether `x` is raw text for a model that vectorizes it itself.
+
+    A model whose input is `tf.string` (e.g. a `TextVectorization` layer
+    first) is served strings as they come: TF Serving's REST API turns a
+    JSON list of strings into such a tensor.
+    """
+    return x.dtype == tf.string
 
 
 def _example_spec(net, input_signature):

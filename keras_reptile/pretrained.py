@@ -13,7 +13,7 @@ import keras
 
 __all__ = ["load", "saved_model_path", "NAMES"]
 
-NAMES = ("omniglot",)
+NAMES = ("omniglot", "intents")
 _DEFAULT_DIRECTORY = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "saved_models"
 )
@@ -59,7 +59,10 @@ def load(name="omniglot", directory=None):
     Args:
         name: Which model: `"omniglot"` (conv4 with the prototype head,
             meta-trained on Omniglot's small1 alphabets; 28x28x1 drawings,
-            strokes 1.0 on 0.0; any 2 to 20 ways; see its model card).
+            strokes 1.0 on 0.0; any 2 to 20 ways; see its model card) or
+            `"intents"` (raw English utterances, a string tensor `[N]`:
+            TF-IDF inside the model plus a residual meta-trained on six
+            CLINC150 domains, with the prototype head; any 2 to 20 intents).
         directory: The `saved_models` directory to read; default: the one
             beside the package in a checkout.
 
@@ -81,6 +84,14 @@ def load(name="omniglot", directory=None):
     >>> adapted = model.adapt(x, np.arange(3))
     >>> adapted.predict(x, verbose=0).shape
     (3, 20)
+    >>> import tensorflow as tf
+    >>> intents = keras_reptile.pretrained.load("intents")
+    >>> support = tf.constant(["wake me up at 7", "set an alarm for noon",
+    ...                        "what's the weather", "will it rain today"])
+    >>> probabilities = intents.adapt_and_predict(
+    ...     support, [0, 0, 1, 1], tf.constant(["is it sunny outside"]))
+    >>> probabilities.shape
+    TensorShape([1, 20])
     """
     path = os.path.join(_model_dir(name, directory), "model.keras")
     if not os.path.isfile(path):

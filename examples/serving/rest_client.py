@@ -141,7 +141,13 @@ def predict(request, url, timeout=60.0):
 
 
 def _float_list(x):
-    return np.asarray(x, dtype="float32").tolist()
+    array = np.asarray(x)
+    if array.dtype.kind in "USO":
+        # Raw text for a model that takes strings: JSON strings, which TF
+        # Serving turns into a `tf.string` tensor.
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v)
+                for v in array.ravel()] if array.ndim == 1 else array.astype(str).tolist()
+    return array.astype("float32").tolist()
 
 
 def main():
