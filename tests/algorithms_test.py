@@ -209,13 +209,19 @@ def test_fomaml_drops_exactly_the_second_order_term(scalar_model):
 
 
 def test_algorithm_names_configs_and_errors(scalar_model):
-    assert algorithms.names() == ["fomaml", "maml", "reptile"]
+    assert algorithms.names() == ["anil", "fomaml", "maml", "metasgd", "reptile"]
     assert algorithms.get("fomaml") == algorithms.MAML(first_order=True)
     assert algorithms.get("MAML") == algorithms.MAML()
     assert algorithms.get("maml") != algorithms.get("fomaml")
-    for algorithm in (algorithms.Reptile(), algorithms.MAML(), algorithms.MAML(True)):
+    # Same config, other class: ANIL is not MAML.
+    assert algorithms.get("anil") != algorithms.MAML()
+    assert algorithms.get("metasgd") == algorithms.MetaSGD()
+    for algorithm in (algorithms.Reptile(), algorithms.MAML(), algorithms.MAML(True),
+                      algorithms.ANIL(True, head_layers=["dense"]), algorithms.MetaSGD(True)):
         config = keras.saving.serialize_keras_object(algorithm)
         assert algorithms.get(config) == algorithm
+        # Equal algorithms hash alike (trace keys), lists in configs too.
+        assert hash(algorithms.get(config)) == hash(algorithm)
     with pytest.raises(ValueError, match="Expected `algorithm` to be one of"):
         algorithms.get("sgd")
     with pytest.raises(TypeError, match="Expected `first_order` to be a bool"):
