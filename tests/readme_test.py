@@ -19,7 +19,6 @@ The serving snippets of `docs/serving.md` run in `serving_clients_test.py`.
 
 import argparse
 import contextlib
-import decimal
 import glob
 import importlib.util
 import inspect
@@ -355,35 +354,25 @@ def _table_after(text, heading):
     return rows
 
 
-def _percent(entry, ci=True):
-    def one_decimal(fraction):  # 0.5285 -> "52.9", as written by hand
-        percent = decimal.Decimal(str(fraction)) * 100
-        return str(percent.quantize(decimal.Decimal("0.1"), decimal.ROUND_HALF_UP))
-
-    cell = f"{one_decimal(entry['accuracy'])}%"
-    return f"{cell} ± {one_decimal(entry['ci95'])}%" if ci else cell
-
-
-def test_readme_shipped_model_numbers_are_its_card():
+def test_readme_challenge_tables_are_the_shipped_models_card():
+    challenge_table = _load("examples/challenge_table.py")
+    section = _read(README)
+    section = section[section.index("### Omniglot, the challenge's split"):]
+    section = section[:section.index("\n## ", 1)]
+    # The tables are what the command shown beneath them prints for the
+    # committed results ...
+    (command,) = re.findall(r"^python examples/challenge_table\.py (.+)$", section, re.M)
+    with open(os.path.join(ROOT, command)) as f:
+        run = json.load(f)
+    assert challenge_table.table(run) in section
+    # ... of the run the shipped model came from, by the command shown.
     with open(os.path.join(ROOT, "saved_models", "omniglot", "card.json")) as f:
-        results = json.load(f)["results"]
-    scores = results[results.get("learner", "reptile")]
-    baseline_run = os.path.join(ROOT, "docs", "omniglot",
-                                "20way1shot_baseline_augment_mild_3376s", "results.json")
-    with open(baseline_run) as f:
-        baseline = json.load(f)["baseline"]
-    rows = _table_after(_read(README), "### The shipped model")
-    protocols = {"5-way 1-shot": "5-way 1-shot", "5-way 5-shot": "5-way 5-shot",
-                 "20-way 1-shot": "20-way 1-shot",
-                 "20-way 1-shot, all classes from one alphabet":
-                     "20-way 1-shot within one alphabet"}
-    assert set(rows) - {"held-out alphabets"} == set(protocols), rows
-    for row, protocol in protocols.items():
-        assert rows[row] == [
-            _percent(scores[f"{protocol}, non-transductive"]),
-            _percent(scores[f"{protocol}, transductive"]),
-            _percent(baseline[protocol], ci=False),
-        ], row
+        card = json.load(f)["results"]
+    assert card == run
+    (ship,) = re.findall(r"^python examples/ship_omniglot\.py (.+)$", section, re.M)
+    assert os.path.join(ROOT, ship, "results.json") == os.path.join(ROOT, command)
+    assert f"--name {os.path.basename(ship)} " in run["command"] + " "
+    assert run["command"] in section
 
 
 def test_readme_paper_numbers_are_paper_tables():
