@@ -359,7 +359,7 @@ def test_fit_rejects_bad_arguments_before_training():
          "Expected `inner_optimizer` to be one of"),
         (dict(transductive="yes"), TypeError, "Expected `transductive` to be a bool"),
         (dict(algorithm="sgd"), ValueError,
-         "Expected `algorithm` to be one of \\['fomaml', 'maml', 'reptile'\\]"),
+         "Expected `algorithm` to be one of \\['anil', 'fomaml', 'maml', 'metasgd', 'reptile'\\]"),
         (dict(algorithm=("reptile", "maml")), ValueError, "a list of them"),
         (dict(head=["none", "learned"]), ValueError, "Expected `head` to be one of"),
         (dict(carry_inner_optimizer_state="yes"), ValueError,
