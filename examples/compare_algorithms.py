@@ -62,6 +62,11 @@ def parse_args(argv=None):
     parser.add_argument("--filters", type=int, default=64,
                         help="Filters of conv4's convolutions (omniglot.py's --filters).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--add", action="store_true",
+                        help="Add these runs' rows to the comparison already in "
+                        "--output-dir (its other rows and its baseline are kept, "
+                        "no baseline is trained); each row keeps the command and "
+                        "machine it was measured with.")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.algorithms.split(",")) - set(ALGORITHMS))
     if unknown:
@@ -136,8 +141,17 @@ def table(results):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
-    results = {}
-    first = True
+    summary_path = os.path.join(args.output_dir, "summary.json")
+    results, commands = {}, []
+    if args.add:
+        if not os.path.exists(summary_path):
+            raise SystemExit(f"--add: no comparison to add to in {args.output_dir}")
+        with open(summary_path) as f:
+            earlier = json.load(f)
+        results = earlier["results"]
+        commands = earlier.get("commands", [earlier.get("command")])
+    # The baseline is trained once per comparison, beside its first run.
+    first = not args.add
     for algorithm in args.algorithms.split(","):
         for head in args.heads.split(","):
             argv_run = command(args, algorithm, head, baseline=first)
@@ -147,13 +161,14 @@ def main(argv=None):
             with open(os.path.join(args.output_dir, run_name(algorithm, head),
                                    "results.json")) as f:
                 results[f"{algorithm}, {head} head"] = json.load(f)
+    commands.append("python examples/compare_algorithms.py " + " ".join(
+        sys.argv[1:] if argv is None else argv))
     summary = {
-        "command": "python examples/compare_algorithms.py " + " ".join(
-            sys.argv[1:] if argv is None else argv),
+        "commands": commands,
         "time_budget": args.time_budget,
         "results": results,
     }
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+    with open(summary_path, "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write(table(results))

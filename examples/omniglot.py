@@ -102,6 +102,20 @@ AUGMENTATIONS = {
 }
 
 
+def machine():
+    """The CPU model, its cores and the TF/Keras versions, for results files."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
+            f"Keras {keras.__version__}")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -307,8 +321,7 @@ def baseline_only(train, test, test_name, config, args, out_dir, argv):
         "train_classes": f"{train.num_classes} characters x 4 rotations "
                          f"({', '.join(train.alphabet_names)})",
         "test": f"{test_name} ({test.num_classes} characters)",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
-                   f"Keras {keras.__version__}",
+        "machine": machine(),
         "baseline": run_baseline(train, args.time_budget,
                                  test_protocols(config, args, test), args),
     }
@@ -632,8 +645,7 @@ def main(argv=None):
         "meta_steps_per_second": round(timer.steps / timer.seconds, 2) if timer.steps else None,
         "first_step_seconds": None if timer.first_step_seconds is None
         else round(timer.first_step_seconds, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
-                   f"Keras {keras.__version__}",
+        "machine": machine(),
     }
     # Results are filed under the learner that produced them (e.g. "reptile",
     # "fomaml_prototype"); "learner" names the key for readers.

@@ -757,7 +757,7 @@ def check_callbacks(callbacks, learning_rate):
 
 
 def check_second_order_replicas(algorithm, second_order, replicas):
-    """Raises for second-order MAML under several replicas.
+    """Raises for a second-order meta-gradient (MAML, ANIL, Meta-SGD) under several replicas.
 
     Measured: under MirroredStrategy with 2 replicas the second-order
     meta-gradient differed from one device's by up to 0.37 (FOMAML's and
@@ -765,10 +765,12 @@ def check_second_order_replicas(algorithm, second_order, replicas):
     """
     if replicas > 1 and second_order:
         raise ValueError(
-            "Second-order MAML is not supported under a distribution "
-            f"strategy with several replicas (this one has {replicas}). "
-            'Use algorithm="fomaml" (MAML(first_order=True)) or "reptile" '
-            f"there. Received: algorithm={algorithm!r}"
+            "Second-order meta-gradients (MAML, ANIL, Meta-SGD) are not "
+            "supported under a distribution strategy with several replicas "
+            f"(this one has {replicas}). Use the algorithm with "
+            'first_order=True (e.g. algorithm="fomaml", ANIL(first_order=True), '
+            'MetaSGD(first_order=True)) or algorithm="reptile" there. '
+            f"Received: algorithm={algorithm!r}"
         )
 
 

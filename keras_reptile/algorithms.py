@@ -59,6 +59,7 @@ import keras
 import tensorflow as tf
 
 from keras_reptile import _compat
+from keras_reptile._validation import check_bool
 
 __all__ = [
     "ANIL",
@@ -229,12 +230,8 @@ class MAML(MetaAlgorithm):
     """
 
     def __init__(self, first_order=False, recompute_inner_steps=False):
-        for name, value in (("first_order", first_order),
-                            ("recompute_inner_steps", recompute_inner_steps)):
-            if not isinstance(value, bool):
-                raise TypeError(
-                    f"Expected `{name}` to be a bool. Received: {name}={value!r}"
-                )
+        first_order = check_bool("first_order", first_order)
+        recompute_inner_steps = check_bool("recompute_inner_steps", recompute_inner_steps)
         if first_order and recompute_inner_steps:
             raise ValueError(
                 "Expected `recompute_inner_steps=False` with `first_order=True`: "
@@ -416,12 +413,7 @@ class MetaSGD(MetaAlgorithm):
     differentiates_inner_loop = True
 
     def __init__(self, first_order=False):
-        if not isinstance(first_order, bool):
-            raise TypeError(
-                "Expected `first_order` to be a bool. Received: "
-                f"first_order={first_order!r}"
-            )
-        self.first_order = first_order
+        self.first_order = check_bool("first_order", first_order)
 
     def build(self, network, rule, add_weight):
         optimizer = rule.optimizer

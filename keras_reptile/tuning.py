@@ -43,6 +43,7 @@ except ImportError as e:
 from keras_reptile import algorithms
 from keras_reptile import callbacks as callbacks_lib
 from keras_reptile import inner_loop
+from keras_reptile._validation import check_bool
 from keras_reptile._validation import check_positive_int
 from keras_reptile.reptile_model import ReptileModel
 
@@ -263,11 +264,7 @@ class ReptileHyperModel(keras_tuner.HyperModel):
         inner_optimizer = inner_loop.get_optimizer(inner_optimizer)
         check_positive_int("eval_inner_steps", eval_inner_steps)
         check_positive_int("eval_inner_batch_size", eval_inner_batch_size)
-        if not isinstance(transductive, bool):
-            raise TypeError(
-                "Expected `transductive` to be a bool. Received: "
-                f"transductive={transductive!r}"
-            )
+        transductive = check_bool("transductive", transductive)
         if loss is None:
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         super().__init__(name=name, tunable=tunable)

@@ -103,25 +103,8 @@ def _meta_loss(theta, alpha, tasks):
     return np.mean(losses)
 
 
-def _central_differences(theta, alpha, tasks, h=1e-6):
-    params = theta + alpha
-    count = len(theta)
-    grads = []
-    for i, w in enumerate(params):
-        grad = np.zeros_like(w)
-        for index in np.ndindex(w.shape):
-            values = []
-            for sign in (1, -1):
-                moved = [p.copy() for p in params]
-                moved[i][index] += sign * h
-                values.append(_meta_loss(moved[:count], moved[count:], tasks))
-            grad[index] = (values[0] - values[1]) / (2 * h)
-        grads.append(grad)
-    return grads
-
-
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_two_meta_steps_follow_central_finite_differences(mode):
+def test_two_meta_steps_follow_central_finite_differences(mode, central_differences):
     # The outer gradient for theta and alpha is the gradient of the mean
     # query loss after the inner loop; outer SGD(1) makes each meta-step
     # (theta, alpha) -> (theta, alpha) - gradient. alpha starts at distinct
@@ -149,7 +132,8 @@ def test_two_meta_steps_follow_central_finite_differences(mode):
         rate.assign(rng.uniform(0.1, 0.5, size=rate.shape))
     for _ in range(2):
         theta, alpha = net.get_weights(), [r.numpy() for r in rates]
-        grads = _central_differences(theta, alpha, tasks)
+        grads = central_differences(
+            lambda p: _meta_loss(p[:len(theta)], p[len(theta):], tasks), theta + alpha)
         model.train_on_batch(episode)
         after = net.get_weights() + [r.numpy() for r in rates]
         for value, before, grad in zip(after, theta + alpha, grads):

@@ -133,7 +133,8 @@ def _tasks(classify, seed=0):
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("head", [False, True])
-def test_maml_gradient_equals_central_finite_differences(head, recompute, mode):
+def test_maml_gradient_equals_central_finite_differences(head, recompute, mode,
+                                                          central_differences):
     # MAML's outer gradient (the second-order term included) is the gradient
     # of the mean query loss after adaptation; outer SGD(1) makes the
     # meta-step theta -> theta - gradient, so the gradient is read off it.
@@ -154,17 +155,7 @@ def test_maml_gradient_equals_central_finite_differences(head, recompute, mode):
             for t in tasks
         ])
 
-    h = 1e-6
-    expected = []
-    for i, w in enumerate(theta):
-        grad = np.zeros_like(w)
-        for index in np.ndindex(w.shape):
-            plus = [t.copy() for t in theta]
-            minus = [t.copy() for t in theta]
-            plus[i][index] += h
-            minus[i][index] -= h
-            grad[index] = (meta_loss(plus) - meta_loss(minus)) / (2 * h)
-        expected.append(grad)
+    expected = central_differences(meta_loss, theta)
 
     model = ReptileModel(
         net, inner_optimizer=keras.optimizers.SGD(0.3), inner_steps=3,

@@ -2,6 +2,9 @@
 
 * `scalar_model` and `hand_episode`: the one-weight model y = w x and the
   two-task episode whose meta-steps the algorithm tests derive by hand;
+* `central_differences`: the gradient of a scalar function of a list of
+  arrays by central finite differences, the reference for the second-order
+  algorithms' meta-gradients;
 * `plain`: a plain eager reference for adaptation (a fresh real Keras
   optimizer on a clone, support rows in turn) and for non-transductive
   query outputs, which reference loops compare the model against.
@@ -45,6 +48,32 @@ def hand_episode():
         "query_x": np.array([[[1.0]], [[1.0]]], "float32"),
         "query_y": np.array([[1.0], [1.0]], "float32"),
     }
+
+
+@pytest.fixture
+def central_differences():
+    """`central_differences(f, params, h=1e-6)`: df/dparams, entry by entry.
+
+    `f` maps a list of float64 arrays to a float; each entry of each array is
+    moved by +h and -h in turn, the others held fixed, and the slope is
+    (f(+h) - f(-h)) / 2h. Returns a list of arrays shaped like `params`.
+    """
+
+    def gradient(f, params, h=1e-6):
+        grads = []
+        for i, w in enumerate(params):
+            grad = np.zeros_like(w)
+            for index in np.ndindex(w.shape):
+                values = []
+                for sign in (1, -1):
+                    moved = [p.copy() for p in params]
+                    moved[i][index] += sign * h
+                    values.append(f(moved))
+                grad[index] = (values[0] - values[1]) / (2 * h)
+            grads.append(grad)
+        return grads
+
+    return gradient
 
 
 def _plain_adaptation(network, x, y, steps, batch_size, optimizer, loss):

@@ -187,7 +187,8 @@ def test_multi_worker_mirrored_strategy_matches_single_device(algorithm):
         assert "divide evenly across the 2 replicas" in report["uneven_error"]
 
 
-def test_second_order_maml_under_several_replicas_is_a_clear_error():
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_second_order_maml_under_several_replicas_is_a_clear_error(algorithm):
     script = SCRIPT.split("history = model.fit(")[0] + textwrap.dedent(
         """
         before = [w.numpy() for w in model.weights]
@@ -202,12 +203,15 @@ def test_second_order_maml_under_several_replicas_is_a_clear_error():
         """
     )
     process = subprocess.run(
-        [sys.executable, "-c", script, "mirrored", "4", "0", "maml"],
+        [sys.executable, "-c", script, "mirrored", "4", "0", algorithm],
         capture_output=True, text=True, timeout=600,
     )
     assert process.returncode == 0, process.stderr[-3000:]
     report = json.loads(process.stdout.strip().splitlines()[-1])
-    assert "Second-order MAML is not supported" in report["message"]
+    assert "Second-order meta-gradients (MAML, ANIL, Meta-SGD) are not supported" in (
+        report["message"])
+    # The test's algorithm records its calls: a subclass, named "Recording".
+    assert "Received: algorithm=Recording(first_order=False" in report["message"]
     assert report["unchanged"]
 
 
