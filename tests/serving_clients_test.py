@@ -118,12 +118,23 @@ def _expected(exported, name, steps=None):
 
 
 def _decode_like_tf_serving(signature, json_inputs):
-    """JSON columnar inputs -> tensors of the signature's dtypes."""
+    """JSON columnar inputs -> tensors of the signature's dtypes.
+
+    As TF Serving's `AddValueToTensor` (tensorflow_serving/util/json_tensor.cc)
+    does: an integer input takes JSON integers only; a float input any number.
+    """
     specs = signature.structured_input_signature[1]
-    return {
-        name: tf.constant(np.asarray(value, dtype=specs[name].dtype.as_numpy_dtype))
-        for name, value in json_inputs.items()
-    }
+    tensors = {}
+    for name, value in json_inputs.items():
+        dtype = specs[name].dtype
+        if dtype.is_integer:
+            for v in np.asarray(value, dtype=object).ravel():
+                if not isinstance(v, int):
+                    raise tf.errors.InvalidArgumentError(
+                        None, None, f"JSON Value: {v} Type: Number is not of expected "
+                        f"type: {dtype.name}")
+        tensors[name] = tf.constant(np.asarray(value, dtype=dtype.as_numpy_dtype))
+    return tensors
 
 
 # ----------------------------------------------------------------------
@@ -236,6 +247,13 @@ def test_rest_predict_round_trip(exported, fake_server):
         "TF Serving rejected the request (400): "
     ) + ".*" + re.escape("Expected `support_y` labels in [0, 2]")):
         rest_client.predict(bad, url)
+    # Fractional labels reach TF Serving as JSON floats, which it refuses
+    # for an integer input: the client must not round them into class ids.
+    fractional = rest_client.build_adapt_request(
+        d["support_x"], d["support_y"] + 0.5, d["query_x"]
+    )
+    with pytest.raises(RuntimeError, match=r"\(400\): .*is not of expected type: int"):
+        rest_client.predict(fractional, url)
 
 
 # ----------------------------------------------------------------------
@@ -271,6 +289,20 @@ def test_grpc_tensor_protos_match_signature(exported, name, steps):
         "adapt_and_predict" if steps is None else "adapt_and_predict_steps"
     )
     _check_tensor_protos(exported, name, signature_name, inputs, steps)
+
+
+@pytest.mark.parametrize("labels", [[0.9, 1.7, 2.2], [0.0, 1.0, float("nan")]])
+def test_grpc_client_never_truncates_fractional_class_ids(labels):
+    # NumPy's cast would send [0, 1, 2]: classes merged without a word.
+    with pytest.raises(ValueError, match="Expected `support_y` to hold whole-number "
+                       "class ids for support_y_dtype='int32'"):
+        grpc_client.build_adapt_inputs([[0.0]] * 3, labels, [[0.0]])
+    # Whole-number floats are class ids; float targets stay as given.
+    _, inputs = grpc_client.build_adapt_inputs([[0.0]] * 2, [0.0, 1.0], [[0.0]])
+    assert tf.make_ndarray(inputs["support_y"]).tolist() == [0, 1]
+    _, inputs = grpc_client.build_adapt_inputs(
+        [[0.0]] * 2, [0.5, 1.5], [[0.0]], support_y_dtype="float32")
+    assert tf.make_ndarray(inputs["support_y"]).tolist() == [0.5, 1.5]
 
 
 @pytest.mark.skipif(

@@ -48,6 +48,27 @@ ADAPT_STEPS_SIGNATURE = "adapt_and_predict_steps"
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
+def _class_ids_or_targets(support_y, dtype):
+    """`support_y` as `dtype`; fractional values never become class ids.
+
+    NumPy's cast to an integer dtype truncates (0.9 -> 0, 1.7 -> 1), which
+    would merge classes without a word; TF Serving's REST API refuses such
+    numbers for an integer input, and this client does too.
+    """
+    y = np.asarray(support_y)
+    if np.issubdtype(np.dtype(dtype), np.integer) and not np.issubdtype(y.dtype, np.integer):
+        numeric = y.dtype.kind in "fb" or y.dtype == object
+        whole = numeric and np.all(np.isfinite(y.astype("float64"))) and np.array_equal(
+            y.astype("float64"), np.round(y.astype("float64")))
+        if not whole:
+            raise ValueError(
+                f"Expected `support_y` to hold whole-number class ids for "
+                f"support_y_dtype={dtype!r}. Received: support_y of dtype {y.dtype} "
+                f"with values {y.ravel()[:5].tolist()}{'...' if y.size > 5 else ''}"
+            )
+    return y.astype(dtype)
+
+
 def build_adapt_inputs(
     support_x, support_y, query_x, steps=None, *, x_dtype="float32",
     support_y_dtype="int32",
@@ -74,7 +95,7 @@ def build_adapt_inputs(
     """
     inputs = {
         "support_x": np.asarray(support_x, dtype=x_dtype),
-        "support_y": np.asarray(support_y, dtype=support_y_dtype),
+        "support_y": _class_ids_or_targets(support_y, support_y_dtype),
         "query_x": np.asarray(query_x, dtype=x_dtype),
     }
     signature_name = ADAPT_SIGNATURE

@@ -63,7 +63,9 @@ def build_adapt_request(support_x, support_y, query_x, steps=None):
     inputs = {
         "support_x": _float_list(support_x),
         # Left as given: ints for class ids, floats for regression targets.
-        # TF Serving converts JSON numbers to the signature's dtype.
+        # TF Serving widens JSON integers to a float input but refuses any
+        # number with a fraction or a decimal point (0.9, 1.0) for an integer
+        # input, so fractional labels never become class ids.
         "support_y": np.asarray(support_y).tolist(),
         "query_x": _float_list(query_x),
     }
