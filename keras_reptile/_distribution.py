@@ -181,3 +181,21 @@ def logs_for_workers(logs):
     if not _compat.in_multi_worker_mode(tf.distribute.get_strategy()):
         return logs
     return {k: tf.reshape(v, [1]) if v.shape.rank == 0 else v for k, v in logs.items()}
+
+
+def tasks_run_in_parallel(setting):
+    """Whether a meta-batch's tasks adapt concurrently (`parallel_tasks`).
+
+    Args:
+        setting: The meta-learner's `parallel_tasks`: `"auto"`, True or False.
+
+    Returns:
+        `setting` if it is a bool. On `"auto"`, True on machines without GPUs
+        and TPUs, where concurrent tasks overlap the per-op overhead of small
+        ops on the cores; False on those, whose kernels run one at a time
+        anyway and where chained tasks keep one task's activations alive.
+    """
+    if setting != "auto":
+        return setting
+    return not (tf.config.list_logical_devices("GPU")
+                + tf.config.list_logical_devices("TPU"))

@@ -198,3 +198,23 @@ def _name(variables, index):
         variable = variables[index]
         return getattr(variable, "path", getattr(variable, "name", f"weight {index}"))
     return f"weight {index}"
+
+
+def kept_description(has_non_trainable, carries_inner_state):
+    """What an undone meta-step keeps, as the start of `check`'s sentence.
+
+    Args:
+        has_non_trainable: Whether the network has non-trainable variables.
+        carries_inner_state: Whether the inner optimizer's state is carried.
+
+    Returns:
+        E.g. "The meta-weights, the outer optimizer's state and the carried
+        inner-optimizer state".
+    """
+    kept = ["the meta-weights", "the outer optimizer's state"]
+    if has_non_trainable:
+        kept.append("the non-trainable state (e.g. BatchNorm statistics)")
+    if carries_inner_state:
+        kept.append("the carried inner-optimizer state")
+    text = ", ".join(kept[:-1]) + " and " + kept[-1]
+    return text[0].upper() + text[1:]

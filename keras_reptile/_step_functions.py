@@ -8,16 +8,19 @@ and reuses them; a meta-learner has to decide more than Keras does:
   meta-batch size or setting needs a new trace (`StepKeys`);
 * whether the meta-step is compiled with XLA (`meta_step_uses_xla`), and
   what happens when XLA turns out not to compile it (`with_xla_fallback`);
+  `train_function` puts both together for `fit`;
 * the `tf.function`s of `adapt()` and `adapt_and_predict()`, traced once
   per example shape and setting (`FunctionCache`).
 
-Nothing here knows the model class: the model passes in what each decision
-reads.
+Nothing here knows `ReptileModel`: each decision is given what it reads,
+and `train_function` and `build_for_episodes` use only the `keras.Model`
+API (and `_compat`'s private hooks).
 """
 
 import inspect
 import warnings
 
+import keras
 import tensorflow as tf
 
 from keras_reptile import _compat
@@ -94,6 +97,64 @@ def meta_step_uses_xla(
         and not _compat.op_determinism_enabled()
         and not differentiates_through_while_loop
     )
+
+
+def train_function(model, make_keras_function, requested, through_while_loop, after_step):
+    """Installs and returns `fit`'s train function for a meta-learner.
+
+    Keras's step function, compiled with XLA where `meta_step_uses_xla`
+    says so, falling back to the plain graph where XLA chosen by "auto"
+    cannot compile it (`with_xla_fallback`), with `after_step` after every
+    step.
+
+    Args:
+        model: The meta-learner (a `keras.Model`).
+        make_keras_function: Keras's own `make_train_function` of `model`
+            (bound), which sets `model.train_function`.
+        requested: `compile`'s `jit_compile` argument as given.
+        through_while_loop: Whether the algorithm differentiates through an
+            inner loop that is not unrolled.
+        after_step: Called after every step (the finite guard's check).
+
+    Returns:
+        The train function, also set as `model.train_function`.
+    """
+
+    def build(xla):
+        current = model.train_function
+        with _compat.jit_compile_as(model, xla):
+            make_keras_function(force=True)
+        return _compat.swap_train_function(model, current)
+
+    xla = meta_step_uses_xla(
+        requested,
+        model.jit_compile,
+        model.run_eagerly,
+        model.distribute_strategy.num_replicas_in_sync,
+        all(layer.supports_jit for layer in _compat.flatten_layers(model)),
+        through_while_loop,
+    )
+    function = with_xla_fallback(build, xla, requested == "auto", after_step)
+    _compat.swap_train_function(model, function)
+    return function
+
+
+def build_for_episodes(model, episodes):
+    """Builds `model`'s compiled loss, metrics and optimizer before a first trace.
+
+    From the flat query batch an episode batch stands for, so meta-steps
+    compile once (see `_compat.BuildBeforeTrace`).
+
+    Args:
+        model: The meta-learner (a compiled `keras.Model`).
+        episodes: A checked episode batch (dict of `[tasks, rows, ...]`).
+    """
+    flat = tuple(
+        keras.KerasTensor((None,) + tuple(v.shape[2:]), v.dtype.name)
+        for v in (episodes["query_x"], episodes["query_y"])
+    )
+    with model.distribute_strategy.scope():
+        _compat.symbolic_build(model, flat)
 
 
 def with_xla_fallback(build, xla, may_fall_back, after_step):

@@ -774,6 +774,19 @@ def check_second_order_replicas(algorithm, second_order, replicas):
         )
 
 
+def check_export_format(format):
+    """Raises unless `ReptileModel.export`'s `format` is "tf_saved_model"."""
+    if format != "tf_saved_model":
+        raise ValueError(
+            "`ReptileModel.export` only supports "
+            "format='tf_saved_model': the `adapt_and_predict` signature "
+            "runs TensorFlow's inner loop. To export only the wrapped "
+            "model at the meta-weights, call "
+            "`model.model.export(filepath, format=...)`. Received: "
+            f"format={format!r}"
+        )
+
+
 def check_batched_tasks_reason(reason):
     """Raises with `batched_tasks=True` when its batched computation does not apply."""
     if reason is not None:

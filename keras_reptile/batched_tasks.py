@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_reptile import _validation
 from keras_reptile import inner_loop
 
 __all__ = ["adapt", "grouped_convolutions_work", "unsupported_reason"]
@@ -74,6 +75,9 @@ def unsupported_reason(model, optimizer):
         None if `adapt` supports the model and optimizer, else a sentence
         saying what does not fit.
     """
+    if optimizer.parameters:
+        return ("the inner loop's learning rates are meta-learned per weight "
+                "entry, which the batched weight layout does not carry")
     plan = _plan(model)
     if isinstance(plan, str):
         return plan
@@ -93,6 +97,32 @@ def unsupported_reason(model, optimizer):
             "oneDNN: is TF_ENABLE_ONEDNN_OPTS=0 set?)"
         )
     return None
+
+
+def evaluates_batched(setting, jit_compile, model, optimizer):
+    """Whether a meta-learner's evaluation adapts its tasks with `adapt`.
+
+    Args:
+        setting: The meta-learner's `batched_tasks`: `"auto"`, True or False.
+        jit_compile: Whether evaluation is compiled with XLA, whose CPU
+            grouped convolutions ran 10x slower: `"auto"` then declines.
+        model: The wrapped, built Keras model.
+        optimizer: The inner loop's rule (an `InnerOptimizer`, or an
+            algorithm's rule with meta-learned `parameters`).
+
+    Returns:
+        True where `setting` is True, or `"auto"` and batching applies.
+
+    Raises:
+        ValueError: If `setting` is True and batching does not apply
+            (`unsupported_reason` says why).
+    """
+    if setting is False or (setting == "auto" and jit_compile):
+        return False
+    reason = unsupported_reason(model, optimizer)
+    if setting is True:
+        _validation.check_batched_tasks_reason(reason)
+    return reason is None
 
 
 def adapt(

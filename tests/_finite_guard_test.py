@@ -187,3 +187,13 @@ def test_values_that_were_never_finite_are_not_blamed():
     for got, want in zip(trained(net), trained(plain), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert net.get_layer(index=0).mask.numpy() == -np.inf
+
+
+def test_the_message_names_what_an_undone_step_keeps():
+    from keras_reptile._finite_guard import kept_description
+
+    assert kept_description(False, False) == (
+        "The meta-weights and the outer optimizer's state")
+    assert kept_description(True, True) == (
+        "The meta-weights, the outer optimizer's state, the non-trainable state "
+        "(e.g. BatchNorm statistics) and the carried inner-optimizer state")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_reptile import algorithms
 from keras_reptile import batched_tasks
 from keras_reptile import inner_loop
 from keras_reptile import models
@@ -250,3 +251,37 @@ def test_adapt_refuses_a_model_it_cannot_batch():
         batched_tasks.adapt(net, [tf.stack([v.value] * 2) for v in net.trainable_variables],
                             [], x, y, loss_fn=MSE, optimizer=_rule(net), steps=1,
                             batch_size=3)
+
+
+def _meta_sgd_rule(net):
+    rule = _rule(net, keras.optimizers.SGD(0.1))
+    # The rates live outside `net`, as they do in the meta-learner.
+    rates = algorithms.MetaSGD().build(net, rule, keras.layers.Layer().add_weight)
+    return algorithms.MetaSGD().inner_rule(net, rule, rates)
+
+
+def test_meta_learned_rates_are_not_batched():
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    assert "meta-learned per weight entry" in batched_tasks.unsupported_reason(
+        net, _meta_sgd_rule(net))
+
+
+def test_whether_evaluation_batches_follows_the_setting():
+    dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    regularised = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(2, kernel_regularizer="l2")])
+    decide = batched_tasks.evaluates_batched
+    # "auto": where it applies, and only without XLA.
+    assert decide("auto", False, dense, _rule(dense)) is True
+    assert decide("auto", True, dense, _rule(dense)) is False
+    assert decide("auto", False, regularised, _rule(regularised)) is False
+    assert decide("auto", False, dense, _meta_sgd_rule(dense)) is False
+    # False: never; True: always, also under XLA, and refused where it does not apply.
+    assert decide(False, False, dense, _rule(dense)) is False
+    assert decide(True, True, dense, _rule(dense)) is True
+    with pytest.raises(ValueError, match=(
+            r"with `batched_tasks=True`, but layer 'dense\w*' \(Dense\) has a kernel "
+            "regularizer")):
+        decide(True, False, regularised, _rule(regularised))
+    with pytest.raises(ValueError, match="learning rates are meta-learned per weight entry"):
+        decide(True, False, dense, _meta_sgd_rule(dense))
